@@ -1,0 +1,45 @@
+"""LLaVA-OneVision: anyres single images, base-view multi-image, and 2x2-pooled video frames."""
+
+import math
+
+import torch
+
+from lmms_eval_redundancy.adapters.base import PackedVisual
+from lmms_eval_redundancy.adapters.llava_next import LlavaNextAdapter
+
+
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    family = "llava_onevision"
+    native_video = True
+
+    def image_features(self, inputs):
+        out = self.model.model.get_image_features(
+            pixel_values=inputs["pixel_values"],
+            image_sizes=inputs["image_sizes"],
+            vision_aspect_ratio=self.config.vision_aspect_ratio,
+            batch_num_images=inputs.get("batch_num_images"),
+            **self._feature_kwargs(),
+        )
+        return list(out.pooler_output)
+
+    def video_features(self, inputs):
+        pixels = inputs["pixel_values_videos"]
+        out = self.model.model.get_video_features(pixel_values_videos=pixels, **self._feature_kwargs())
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        pooled = (math.ceil(side / 2), math.ceil(side / 2))
+        per_frame = pooled[0] * pooled[1]
+        frames = pixels.shape[1]
+        videos = []
+        for features in out.pooler_output:  # [frames * per_frame + 1, D], newline last
+            device = features.device
+            newline = torch.zeros(features.shape[0], dtype=torch.bool, device=device)
+            newline[-1] = True
+            videos.append(PackedVisual(
+                features=features,
+                placeholder_id=self.video_token_id,
+                kind="video",
+                units=list(torch.arange(frames * per_frame, device=device).view(frames, per_frame)),
+                newline=newline,
+                grids=[pooled] * frames,
+            ))
+        return videos

@@ -1,0 +1,59 @@
+"""Pruning budgets: ``retention=r``, ``tokens=k`` or ``threshold=t`` (one at a time)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BUDGET_KEYS = ("retention", "tokens", "threshold")
+
+
+class BudgetError(ValueError):
+    """A budget is missing, out of range, or given twice."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many visual tokens to keep per image or frame."""
+
+    kind: str  # "retention" | "tokens" | "threshold" | "all"
+    value: float = 1.0
+
+    def keep_count(self, n: int) -> int:
+        """Number of tokens to keep out of ``n`` for count budgets (round half to even, at least 1)."""
+        if self.kind == "all":
+            return n
+        if self.kind == "retention":
+            return max(1, min(n, round(self.value * n)))
+        if self.kind == "tokens":
+            return min(n, int(self.value))
+        raise BudgetError("a threshold budget has no fixed token count; only the codebook method uses it")
+
+    def describe(self) -> str:
+        return "all" if self.kind == "all" else f"{self.kind}={self.value:g}"
+
+
+KEEP_ALL = Budget("all")
+
+
+def parse_budget(retention=None, tokens=None, threshold=None) -> Budget | None:
+    """Validate the budget arguments; ``None`` when none was given."""
+    given = {k: v for k, v in zip(BUDGET_KEYS, (retention, tokens, threshold)) if v is not None}
+    if len(given) > 1:
+        raise BudgetError(
+            f"two budgets given at once ({', '.join(f'{k}={v}' for k, v in given.items())}); "
+            "give exactly one of retention=, tokens= or threshold="
+        )
+    if not given:
+        return None
+    kind, raw = next(iter(given.items()))
+    try:
+        value = float(raw)
+    except (TypeError, ValueError) as err:
+        raise BudgetError(f"{kind}={raw!r} is not a number") from err
+    if kind == "retention" and not 0 < value <= 1:
+        raise BudgetError(f"retention={raw} is out of range; use 0 < retention <= 1 (e.g. retention=0.111 keeps 64 of 576)")
+    if kind == "tokens" and (value != int(value) or value < 1):
+        raise BudgetError(f"tokens={raw} is out of range; use a whole number >= 1")
+    if kind == "threshold" and not -1 <= value <= 1:
+        raise BudgetError(f"threshold={raw} is out of range; a cosine-similarity threshold lies in [-1, 1]")
+    return Budget(kind, value)

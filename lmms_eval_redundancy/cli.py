@@ -1,0 +1,72 @@
+"""The ``lmms-eval-redundancy`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _import_codebook(args) -> None:
+    from lmms_eval_redundancy.codebook.store import import_release, load_codebook
+
+    out = import_release(args.release, args.out, model=args.model, threshold=args.threshold)
+    codebook = load_codebook(out)
+    print(f"wrote {out}: {codebook.prototypes.shape[0]} prototypes of size {codebook.hidden_size} "
+          f"for {codebook.meta['model']}")
+
+
+def _make_tiny(args) -> None:
+    from lmms_eval_redundancy.tiny import FAMILIES, build_tiny_model
+
+    for family in args.family or FAMILIES:
+        print(build_tiny_model(family, f"{args.out}/{family}", seed=args.seed))
+
+
+def _make_local_data(args) -> None:
+    from lmms_eval_redundancy.localdata import generate
+
+    print(generate(args.out) if args.out else generate())
+
+
+def _methods(args) -> None:
+    from lmms_eval_redundancy.registry import available_methods, method_class, param_names
+
+    for name in available_methods():
+        cls = method_class(name)
+        budgets = ", ".join(f"{b}=" for b in cls.budgets) or "none"
+        print(f"{name:10s} stage={cls.stage.value:11s} budgets: {budgets:30s} params: {', '.join(param_names(name)) or '-'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmms-eval-redundancy", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("import-codebook", help="convert a paper release .pt into the project's codebook format")
+    p.add_argument("release", help="the released .pt tensor (its .json and config*.txt are read from beside it)")
+    p.add_argument("out", help="output .safetensors file (or a folder)")
+    p.add_argument("--model", help="checkpoint the codebook belongs to (default: recognised from the folder name)")
+    p.add_argument("--threshold", type=float, help="recommended threshold= budget (default: the released one)")
+    p.set_defaults(func=_import_codebook)
+
+    p = sub.add_parser("make-tiny", help="build tiny random LLaVA-family checkpoints (offline, for tests and demos)")
+    p.add_argument("out", help="folder; one sub-folder per family")
+    p.add_argument("--family", action="append", choices=["llava", "llava_next", "llava_onevision"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_make_tiny)
+
+    p = sub.add_parser("make-local-data", help="generate the data of the local tiny tasks (tasks/local)")
+    p.add_argument("--out", help="output folder (default: tasks/local/data of this checkout)")
+    p.set_defaults(func=_make_local_data)
+
+    p = sub.add_parser("methods", help="list the pruning methods with their stage, budgets and parameters")
+    p.set_defaults(func=_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

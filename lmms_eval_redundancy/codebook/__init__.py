@@ -1,0 +1,1 @@
+"""Redundancy codebooks: the project's file format (``store``) and, later, the builder."""

@@ -1,0 +1,131 @@
+"""Token accounting: per-sample records streamed to disk per rank, and a run summary.
+
+During a run each process appends one JSON line per sample to ``<dir>/tokens/<run>/rank<R>.jsonl``
+(flushed after every batch, so an interrupted run keeps what it finished). When the process of rank 0
+exits, it merges all ranks' records into ``<date>_tokens.json`` next to lmms-eval's
+``<date>_results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from loguru import logger
+
+
+def output_path_from_argv(argv: list[str]) -> str | None:
+    """The ``--output_path`` of the running ``lmms_eval`` command, if any."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--output_path", default=None)
+    return parser.parse_known_args(argv)[0].output_path
+
+
+def run_key() -> str:
+    """A name all processes of one launch agree on without communicating (they share a parent)."""
+    return str(os.getppid() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else os.getpid())
+
+
+def summarize(samples: list[dict]) -> dict:
+    """Aggregate per-sample records into the run summary the compare tool reads."""
+    units = [u for s in samples for u in s["units"]]
+    before = sum(u["before"] for u in units)
+    after = sum(u["after"] for u in units)
+    per_sample_after = [sum(u["after"] for u in s["units"]) for s in samples if s["units"]]
+    retained = [u["after"] for u in units]
+    return {
+        "samples": len(samples),
+        "samples_with_visuals": len(per_sample_after),
+        "images": sum(u["kind"] == "image" for u in units),
+        "frames": sum(u["kind"] == "frame" for u in units),
+        "visual_tokens_before": before,
+        "visual_tokens_after": after,
+        "newline_tokens_before": sum(u["newlines_before"] for u in units),
+        "newline_tokens_after": sum(u["newlines_after"] for u in units),
+        "achieved_retention": after / before if before else None,
+        "retained_per_unit": {
+            "mean": statistics.fmean(retained) if retained else None,
+            "min": min(retained, default=None),
+            "max": max(retained, default=None),
+        },
+        "retained_per_sample_mean": statistics.fmean(per_sample_after) if per_sample_after else None,
+        "floor_hits": sum(bool(u["floor_hit"]) for u in units),
+    }
+
+
+class TokenLedger:
+    """Collects unit records of one process and writes the run summary at exit (rank 0)."""
+
+    def __init__(self, rank: int, world_size: int, results_dir: Path | None, settings: dict):
+        self.rank, self.world_size = rank, world_size
+        self.results_dir = results_dir
+        self.settings = settings
+        self.started = time.time()
+        self.samples: list[dict] = []
+        self.log_dir = results_dir / "tokens" / run_key() if results_dir else None
+        self._stream = None
+        if self.log_dir:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self._stream = open(self.log_dir / f"rank{rank}.jsonl", "a", encoding="utf-8")
+
+    def add(self, request: str, task: str, split: str, doc_id: int, records: list) -> None:
+        sample = {"request": request, "task": task, "split": split, "doc_id": doc_id,
+                  "units": [{k: v for k, v in dataclasses.asdict(r).items() if v is not None} for r in records]}
+        self.samples.append(sample)
+        if self._stream:
+            self._stream.write(json.dumps(sample) + "\n")
+
+    def flush(self) -> None:
+        if self._stream:
+            self._stream.flush()
+
+    def _all_samples(self) -> list[dict]:
+        if not self.log_dir:
+            return self.samples
+        samples = []
+        for path in sorted(self.log_dir.glob("rank*.jsonl")):
+            samples += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return samples
+
+    def _results_file(self) -> Path | None:
+        candidates = [p for p in self.results_dir.glob("*_results.json") if p.stat().st_mtime >= self.started]
+        return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
+
+    def finish(self) -> Path | None:
+        """Close this rank's stream; on rank 0 write the merged summary. Returns the file written."""
+        if self._stream:
+            self._stream.close()
+            self._stream = None
+        if self.rank != 0:
+            return None
+        samples = self._all_samples()
+        summary = {"settings": self.settings, "world_size": self.world_size, **summarize(samples)}
+        logger.info(
+            "llava_redundancy tokens: {} of {} visual tokens kept (retention {}), floor hits {}",
+            summary["visual_tokens_after"], summary["visual_tokens_before"],
+            f"{summary['achieved_retention']:.4f}" if summary["achieved_retention"] is not None else "n/a",
+            summary["floor_hits"],
+        )
+        if not self.results_dir:
+            return None
+        results = self._results_file()
+        stem = results.name[: -len("_results.json")] if results else f"run{run_key()}"
+        summary["results_file"] = results.name if results else None
+        out = self.results_dir / f"{stem}_tokens.json"
+        out.write_text(json.dumps({**summary, "per_sample": samples}, indent=2))
+        logger.info("llava_redundancy token summary written to {}", out)
+        return out
+
+
+def results_dir_for(pretrained: str, output_dir: str | None = None) -> Path | None:
+    """Where lmms-eval writes this model's results: ``<output_path>/<sanitized model name>``."""
+    from lmms_eval.utils import sanitize_model_name
+
+    base = output_dir or output_path_from_argv(sys.argv[1:])
+    return Path(base) / sanitize_model_name(pretrained) if base else None

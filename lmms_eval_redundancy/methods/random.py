@@ -1,0 +1,33 @@
+"""``random``: k tokens drawn uniformly without replacement, seeded per image so runs repeat exactly."""
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from lmms_eval_redundancy.registry import PruningMethod, Selection, VisualUnit, register
+
+
+def select(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """``k`` distinct indices of ``range(n)``, sorted."""
+    return torch.randperm(n, generator=generator)[:k].sort().values
+
+
+def unit_generator(seed: int, key: str) -> torch.Generator:
+    """A generator whose state depends only on the seed and the unit, not on batching or rank."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+@register
+class RandomPruning(PruningMethod):
+    name = "random"
+
+    @dataclass
+    class Params:
+        seed: int = 0
+
+    def select_unit(self, unit: VisualUnit) -> Selection:
+        n = unit.features.shape[0]
+        keep = select(n, self.budget.keep_count(n), unit_generator(self.params.seed, unit.key))
+        return Selection(keep.to(unit.features.device))

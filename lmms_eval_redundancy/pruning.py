@@ -1,0 +1,73 @@
+"""Apply a before-LLM method to packed visuals and account for every image and frame."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmms_eval_redundancy.adapters.base import PackedVisual
+from lmms_eval_redundancy.registry import PruningMethod, VisualUnit
+
+ANYRES_POLICIES = ("full", "base_only")
+
+
+@dataclass
+class UnitRecord:
+    """Token counts of one image or frame before and after pruning."""
+
+    kind: str  # "image" | "frame"
+    visual: int  # index of the image/video within its sample
+    unit: int  # frame index within a video (0 for images)
+    before: int
+    after: int
+    newlines_before: int
+    newlines_after: int
+    floor_hit: bool = False
+    keep: list[int] | None = None
+
+
+def prune_visual(visual: PackedVisual, method: PruningMethod, key: str, anyres: str = "full",
+                 log_keep: bool = False) -> tuple[torch.Tensor, list[UnitRecord]]:
+    """Kept features of ``visual`` (in original order) and one record per unit.
+
+    Newline tokens are always kept, except with ``anyres=base_only`` where only the base view of an
+    anyres image is considered and crops with their newlines are dropped.
+    """
+    keep_mask = visual.newline.clone()
+    units, grids = visual.units, visual.grids
+    if anyres == "base_only" and visual.base is not None:
+        keep_mask[:] = False
+        units, grids = [visual.base], [None]
+    newlines_before = int(visual.newline.sum())
+    records = []
+    for index, (positions, grid) in enumerate(zip(units, grids)):
+        unit_key = f"{key}/{visual.kind}{index}"
+        selection = method.select_unit(VisualUnit(visual.features[positions], key=unit_key, grid=grid))
+        kept = positions[selection.keep]
+        keep_mask[kept] = True
+        records.append(UnitRecord(
+            kind="frame" if visual.kind == "video" else "image",
+            visual=0,
+            unit=index,
+            before=int(positions.numel()),
+            after=int(kept.numel()),
+            newlines_before=newlines_before if index == 0 else 0,
+            newlines_after=int((keep_mask & visual.newline).sum()) if index == 0 else 0,
+            floor_hit=selection.floor_hit,
+            keep=selection.keep.tolist() if log_keep else None,
+        ))
+    return visual.features[keep_mask], records
+
+
+def prune_sample(visuals: list[PackedVisual], method: PruningMethod, key: str, anyres: str = "full",
+                 log_keep: bool = False) -> tuple[list[torch.Tensor], list[UnitRecord]]:
+    """Prune every visual of one sample; records carry the visual's index within the sample."""
+    kept_features, records = [], []
+    for index, visual in enumerate(visuals):
+        features, unit_records = prune_visual(visual, method, f"{key}/{index}", anyres, log_keep)
+        for record in unit_records:
+            record.visual = index
+        kept_features.append(features)
+        records.extend(unit_records)
+    return kept_features, records

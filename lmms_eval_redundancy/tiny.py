@@ -1,0 +1,241 @@
+"""Small LLaVA-family checkpoints built locally (random weights), and configs with real geometry.
+
+Everything here is built from configs, a word-level tokenizer and explicitly sized processors, then
+saved with ``save_pretrained`` so that it loads back through ``from_pretrained`` like a real checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaNextProcessor,
+    LlavaOnevisionProcessor,
+    LlavaOnevisionVideoProcessor,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+    LlavaOnevisionImageProcessorPil,
+)
+
+FAMILIES = ("llava", "llava_next", "llava_onevision")
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "<video>"]
+WORDS = (
+    "user assistant system : . , ? ! a an the is are of in on at to and or what which how many where "
+    "does this image video show shows color colour shape object objects left right top bottom middle "
+    "red green blue yellow white black orange purple gray circle square triangle star cross "
+    "yes no zero one two three four five six seven eight nine ten first second third "
+    "answer with word single letter number describe appeared moved up down order"
+).split()
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }} : "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image> {% elif part['type'] == 'video' %}<video> "
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %} </s> {% endfor %}"
+    "{% if add_generation_prompt %}assistant : {% endif %}"
+)
+
+# Real checkpoint geometry (vision tower, projector input, grid pinpoints); text towers are cut to
+# one or two layers by ``real_geometry_config``.
+LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+ONEVISION_PINPOINTS = [[384 * a, 384 * b] for a in range(1, 7) for b in range(1, 7)]
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer whose image and video tokens are special tokens."""
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + WORDS)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+        padding_side="left",
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def _text_config(family: str, vocab_size: int, hidden: int = 64, layers: int = 2):
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        tie_word_embeddings=False,
+    )
+    return Qwen2Config(**common) if family == "llava_onevision" else LlamaConfig(**common)
+
+
+def _vision_config(family: str, image_size: int, patch_size: int, hidden: int = 32, layers: int = 2):
+    common = dict(
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    if family == "llava_onevision":
+        return SiglipVisionConfig(**common)
+    return CLIPVisionConfig(projection_dim=hidden, **common)
+
+
+def tiny_config(family: str, tokenizer: PreTrainedTokenizerFast, image_size: int = 32, patch_size: int = 8):
+    """Config of a tiny random model of ``family`` that agrees with ``build_tokenizer``."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    video_token_id = tokenizer.convert_tokens_to_ids("<video>")
+    text = _text_config(family, vocab_size=len(tokenizer))
+    vision = _vision_config(family, image_size, patch_size)
+    pinpoints = [[image_size * a, image_size * b] for a in (1, 2) for b in (1, 2)]
+    if family == "llava":
+        return LlavaConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_id=image_token_id,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+        )
+    if family == "llava_next":
+        return LlavaNextConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_id=image_token_id,
+            image_grid_pinpoints=pinpoints,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+        )
+    return LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token_id,
+        video_token_id=video_token_id,
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+    )
+
+
+def tiny_processor(family: str, tokenizer: PreTrainedTokenizerFast, image_size: int = 32, patch_size: int = 8):
+    """The processor matching ``tiny_config`` (same patch size, image size and grid pinpoints)."""
+    square = {"height": image_size, "width": image_size}
+    pinpoints = [[image_size * a, image_size * b] for a in (1, 2) for b in (1, 2)]
+    if family == "llava":
+        image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size=square)
+        return LlavaProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=patch_size,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=CHAT_TEMPLATE,
+        )
+    if family == "llava_next":
+        image_processor = LlavaNextImageProcessorPil(
+            size={"shortest_edge": image_size}, crop_size=square, image_grid_pinpoints=pinpoints
+        )
+        return LlavaNextProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=patch_size,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=CHAT_TEMPLATE,
+        )
+    image_processor = LlavaOnevisionImageProcessorPil(size=square, image_grid_pinpoints=pinpoints)
+    return LlavaOnevisionProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=LlavaOnevisionVideoProcessor(size=square),
+        num_image_tokens=(image_size // patch_size) ** 2,
+        vision_feature_select_strategy="full",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+MODEL_CLASSES = {
+    "llava": LlavaForConditionalGeneration,
+    "llava_next": LlavaNextForConditionalGeneration,
+    "llava_onevision": LlavaOnevisionForConditionalGeneration,
+}
+
+
+def build_tiny_model(family: str, out_dir: str | Path, seed: int = 0, image_size: int = 32, patch_size: int = 8) -> Path:
+    """Build a random tiny ``family`` checkpoint and save it (model, tokenizer, processors) to ``out_dir``."""
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer()
+    config = tiny_config(family, tokenizer, image_size, patch_size)
+    torch.manual_seed(seed)
+    model = MODEL_CLASSES[family](config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out_dir)
+    tiny_processor(family, tokenizer, image_size, patch_size).save_pretrained(out_dir)
+    return out_dir
+
+
+def real_geometry_config(name: str, text_layers: int = 1, vision_layers: int = 2):
+    """Config with the vision geometry of a real llava-hf checkpoint and a cut-down text tower.
+
+    ``name`` is one of ``llava-1.5-7b``, ``llava-v1.6-vicuna-7b``, ``llava-onevision-qwen2-0.5b``,
+    ``llava-onevision-qwen2-7b``. The text hidden size is the real one (it decides codebook
+    compatibility), the vocabulary is small so the model stays cheap to instantiate.
+    """
+    clip_336 = CLIPVisionConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers, num_attention_heads=16,
+        image_size=336, patch_size=14, projection_dim=768,
+    )
+    siglip_384 = SiglipVisionConfig(
+        hidden_size=1152, intermediate_size=4304, num_hidden_layers=vision_layers, num_attention_heads=16,
+        image_size=384, patch_size=14,
+    )
+    llama = dict(vocab_size=32064, intermediate_size=256, num_hidden_layers=text_layers, num_attention_heads=32)
+    if name == "llava-1.5-7b":
+        return LlavaConfig(vision_config=clip_336, text_config=LlamaConfig(hidden_size=4096, **llama),
+                           image_token_id=32000, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    if name == "llava-v1.6-vicuna-7b":
+        return LlavaNextConfig(vision_config=clip_336, text_config=LlamaConfig(hidden_size=4096, **llama),
+                               image_token_id=32000, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+                               vision_feature_layer=-2, vision_feature_select_strategy="default")
+    hidden = {"llava-onevision-qwen2-0.5b": 896, "llava-onevision-qwen2-7b": 3584}.get(name)
+    if hidden is None:
+        raise ValueError(f"unknown geometry {name!r}")
+    qwen = Qwen2Config(vocab_size=152000, hidden_size=hidden, intermediate_size=256, num_hidden_layers=text_layers,
+                       num_attention_heads=14 if hidden == 896 else 28, num_key_value_heads=2)
+    return LlavaOnevisionConfig(vision_config=siglip_384, text_config=qwen, image_token_id=151646,
+                                video_token_id=151647, image_grid_pinpoints=ONEVISION_PINPOINTS,
+                                vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                vision_aspect_ratio="anyres_max_9")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 BUDGET_KEYS = ("retention", "tokens", "threshold")
@@ -23,7 +24,7 @@ class Budget:
         if self.kind == "all":
             return n
         if self.kind == "retention":
-            return max(1, min(n, round(self.value * n)))
+            return min(n, max(1, round(self.value * n)))
         if self.kind == "tokens":
             return min(n, int(self.value))
         raise BudgetError("a threshold budget has no fixed token count; only the codebook method uses it")
@@ -50,6 +51,8 @@ def parse_budget(retention=None, tokens=None, threshold=None) -> Budget | None:
         value = float(raw)
     except (TypeError, ValueError) as err:
         raise BudgetError(f"{kind}={raw!r} is not a number") from err
+    if not math.isfinite(value):
+        raise BudgetError(f"{kind}={raw!r} is not a finite number")
     if kind == "retention" and not 0 < value <= 1:
         raise BudgetError(f"retention={raw} is out of range; use 0 < retention <= 1 (e.g. retention=0.111 keeps 64 of 576)")
     if kind == "tokens" and (value != int(value) or value < 1):

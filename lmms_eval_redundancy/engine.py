@@ -30,9 +30,13 @@ class PruningEngine:
         return {**self.method.settings(), "anyres": self.anyres, "family": self.adapter.family}
 
     @torch.no_grad()
-    def prepare(self, inputs, images_per_sample: list[int], videos_per_sample: list[int], keys: list[str]
-                ) -> tuple[SplicedBatch, list[list[UnitRecord]]]:
-        """Pruned, re-padded LLM inputs for a processed batch, and the token records of each sample."""
+    def prepare(self, inputs, images_per_sample: list[int], videos_per_sample: list[int], keys: list[str],
+                frames_as_images: list[int] | None = None) -> tuple[SplicedBatch, list[list[UnitRecord]]]:
+        """Pruned, re-padded LLM inputs for a processed batch, and the token records of each sample.
+
+        ``frames_as_images[b]`` counts the trailing images of sample ``b`` that are video frames (families
+        without video input); they are recorded as frames.
+        """
         visuals = self.adapter.encode(inputs, images_per_sample, videos_per_sample)
         kept, records = [], []
         for sample_visuals, key in zip(visuals, keys):
@@ -42,6 +46,10 @@ class PruningEngine:
                 features, sample_records = [v.features for v in sample_visuals], []
             kept.append(features)
             records.append(sample_records)
+        for sample_records, n_images, n_frames in zip(records, images_per_sample, frames_as_images or []):
+            for record in sample_records:
+                if record.visual >= n_images - n_frames:
+                    record.kind, record.unit, record.visual = "frame", record.visual - (n_images - n_frames), n_images - n_frames
         lengths = [[v.length for v in sample_visuals] for sample_visuals in visuals]
         batch = splice(inputs["input_ids"], inputs["attention_mask"], lengths, kept, self.adapter.placeholder_ids,
                        self.pad_id, self.model.get_input_embeddings())

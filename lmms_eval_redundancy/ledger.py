@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-from loguru import logger
 
 
 def output_path_from_argv(argv: list[str]) -> str | None:
@@ -106,12 +105,11 @@ class TokenLedger:
             return None
         samples = self._all_samples()
         summary = {"settings": self.settings, "world_size": self.world_size, **summarize(samples)}
-        logger.info(
-            "llava_redundancy tokens: {} of {} visual tokens kept (retention {}), floor hits {}",
-            summary["visual_tokens_after"], summary["visual_tokens_before"],
-            f"{summary['achieved_retention']:.4f}" if summary["achieved_retention"] is not None else "n/a",
-            summary["floor_hits"],
-        )
+        retention = summary["achieved_retention"]
+        # Printed, not logged: this runs at interpreter exit, when log sinks may already be closed.
+        print(f"llava_redundancy tokens: {summary['visual_tokens_after']} of {summary['visual_tokens_before']} visual "
+              f"tokens kept (retention {'n/a' if retention is None else f'{retention:.4f}'}), "
+              f"floor hits {summary['floor_hits']}", file=sys.stderr)
         if not self.results_dir:
             return None
         results = self._results_file()
@@ -119,7 +117,7 @@ class TokenLedger:
         summary["results_file"] = results.name if results else None
         out = self.results_dir / f"{stem}_tokens.json"
         out.write_text(json.dumps({**summary, "per_sample": samples}, indent=2))
-        logger.info("llava_redundancy token summary written to {}", out)
+        print(f"llava_redundancy token summary written to {out}", file=sys.stderr)
         return out
 
 

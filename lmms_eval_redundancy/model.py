@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import inspect
+import os
 
 import numpy as np
 import torch
@@ -51,6 +52,18 @@ def scored_continuation(logprob: float, is_greedy: bool) -> GenerationResult:
     return GenerationResult(text=(logprob, is_greedy))
 
 
+def process_layout(accelerator: Accelerator) -> tuple[int, int, int]:
+    """(rank, world size, local rank) of this process for data-parallel evaluation.
+
+    On CPU-only machines accelerate reports a single process even under ``accelerate launch
+    --multi_gpu`` / torchrun, so the launcher's environment variables decide there.
+    """
+    if accelerator.num_processes > 1:
+        return accelerator.process_index, accelerator.num_processes, accelerator.local_process_index
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
 class LlavaRedundancy(lmms):
     """LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision with a pruning ``method`` at a budget.
 
@@ -92,8 +105,9 @@ class LlavaRedundancy(lmms):
 
         config = AutoConfig.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
         model_class, _ = family_of(config.model_type)
-        accelerator = Accelerator()
-        if accelerator.num_processes > 1 and device_map:
+        self.accelerator = Accelerator()
+        self._rank, self._world_size, local_rank = process_layout(self.accelerator)
+        if self._world_size > 1 and device_map:
             raise ValueError(
                 "device_map spreads one model over devices in a single process; with accelerate launch "
                 "--num_processes > 1 every process holds a whole model: drop device_map"
@@ -102,19 +116,15 @@ class LlavaRedundancy(lmms):
                        "dtype": dtype if dtype in (None, "auto") else getattr(torch, str(dtype))}
         if attn_implementation:
             load_kwargs["attn_implementation"] = attn_implementation
-        if device_map and accelerator.num_processes == 1:
+        if device_map:
             load_kwargs["device_map"] = device_map
         self._model = model_class.from_pretrained(pretrained, **load_kwargs).eval()
-        if accelerator.num_processes > 1:
-            self._device = accelerator.device
-        elif device_map:
+        if device_map:
             self._device = self._model.device
         else:
-            self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if not device_map or accelerator.num_processes > 1:
+            default = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+            self._device = torch.device(default if self._world_size > 1 or not device else device)
             self._model.to(self._device)
-        self.accelerator = accelerator
-        self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
 
         self.processor = AutoProcessor.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
         self.processor.tokenizer.padding_side = "left"
@@ -180,19 +190,22 @@ class LlavaRedundancy(lmms):
 
     def _build(self, requests_args: list[tuple], texts: list[str] | None = None, continuations=None):
         """Processor inputs and pruned LLM inputs for a batch of (context, _, doc_to_visual, doc_id, task, split)."""
-        prompts, images, videos, n_images, n_videos, keys = [], [], [], [], [], []
+        prompts, images, videos, n_images, n_videos, n_frame_images, keys = [], [], [], [], [], [], []
         for i, (context, _, doc_to_visual, doc_id, task, split) in enumerate(requests_args):
             sample_images, sample_videos = self._visuals(doc_to_visual, task, split, doc_id)
+            frame_images = []
             if sample_videos and not self.engine.adapter.native_video:
                 # Families without video input see the sampled frames as a sequence of images.
-                sample_images = sample_images + [Image.fromarray(f) for v in sample_videos for f in v]
-                sample_videos = []
+                frame_images = [Image.fromarray(f) for v in sample_videos for f in v]
+                sample_images, sample_videos = sample_images + frame_images, []
             cont = continuations[i] if continuations else None
             prompts.append(self._prompt(context, len(sample_images), len(sample_videos), cont))
-            images += sample_images
+            if sample_images:
+                images.append(sample_images)  # nested per sample: OneVision gives multi-image samples base views only
             videos += sample_videos
             n_images.append(len(sample_images))
             n_videos.append(len(sample_videos))
+            n_frame_images.append(len(frame_images))
             keys.append(f"{task}/{split}/{doc_id}")
         inputs = self.processor(text=prompts, images=images or None, videos=videos or None,
                                 padding=True, return_tensors="pt")
@@ -200,7 +213,7 @@ class LlavaRedundancy(lmms):
         for name in ("pixel_values", "pixel_values_videos"):
             if name in inputs:
                 inputs[name] = inputs[name].to(self._model.dtype)
-        batch, records = self.engine.prepare(inputs, n_images, n_videos, keys)
+        batch, records = self.engine.prepare(inputs, n_images, n_videos, keys, n_frame_images)
         return prompts, batch, records
 
     def _log_records(self, request: str, requests_args, records) -> None:

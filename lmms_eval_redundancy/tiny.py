@@ -212,7 +212,8 @@ def real_geometry_config(name: str, text_layers: int = 1, vision_layers: int = 2
 
     ``name`` is one of ``llava-1.5-7b``, ``llava-v1.6-vicuna-7b``, ``llava-onevision-qwen2-0.5b``,
     ``llava-onevision-qwen2-7b``. The text hidden size is the real one (it decides codebook
-    compatibility), the vocabulary is small so the model stays cheap to instantiate.
+    compatibility), the vocabulary is small so the model stays cheap to instantiate (these configs are
+    for counting and shaping visual tokens, not for text generation).
     """
     clip_336 = CLIPVisionConfig(
         hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers, num_attention_heads=16,
@@ -222,7 +223,7 @@ def real_geometry_config(name: str, text_layers: int = 1, vision_layers: int = 2
         hidden_size=1152, intermediate_size=4304, num_hidden_layers=vision_layers, num_attention_heads=16,
         image_size=384, patch_size=14,
     )
-    llama = dict(vocab_size=32064, intermediate_size=256, num_hidden_layers=text_layers, num_attention_heads=32)
+    llama = dict(vocab_size=1024, intermediate_size=256, num_hidden_layers=text_layers, num_attention_heads=32)
     if name == "llava-1.5-7b":
         return LlavaConfig(vision_config=clip_336, text_config=LlamaConfig(hidden_size=4096, **llama),
                            image_token_id=32000, vision_feature_layer=-2, vision_feature_select_strategy="default")
@@ -233,7 +234,7 @@ def real_geometry_config(name: str, text_layers: int = 1, vision_layers: int = 2
     hidden = {"llava-onevision-qwen2-0.5b": 896, "llava-onevision-qwen2-7b": 3584}.get(name)
     if hidden is None:
         raise ValueError(f"unknown geometry {name!r}")
-    qwen = Qwen2Config(vocab_size=152000, hidden_size=hidden, intermediate_size=256, num_hidden_layers=text_layers,
+    qwen = Qwen2Config(vocab_size=1024, hidden_size=hidden, intermediate_size=256, num_hidden_layers=text_layers,
                        num_attention_heads=14 if hidden == 896 else 28, num_key_value_heads=2)
     return LlavaOnevisionConfig(vision_config=siglip_384, text_config=qwen, image_token_id=151646,
                                 video_token_id=151647, image_grid_pinpoints=ONEVISION_PINPOINTS,

@@ -37,6 +37,12 @@ def _methods(args) -> None:
         print(f"{name:10s} stage={cls.stage.value:11s} budgets: {budgets:30s} params: {', '.join(param_names(name)) or '-'}")
 
 
+def _demo(args) -> None:
+    from lmms_eval_redundancy.demo import run
+
+    run(args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmms-eval-redundancy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-local-data", help="generate the data of the local tiny tasks (tasks/local)")
     p.add_argument("--out", help="output folder (default: tasks/local/data of this checkout)")
     p.set_defaults(func=_make_local_data)
+
+    p = sub.add_parser("demo", help="evaluate several methods on the embedded tiny model and local tasks (CPU, offline)")
+    p.add_argument("--out", default="results/demo", help="folder for the model, codebook and lmms-eval outputs")
+    p.set_defaults(func=_demo)
 
     p = sub.add_parser("methods", help="list the pruning methods with their stage, budgets and parameters")
     p.set_defaults(func=_methods)

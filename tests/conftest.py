@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,22 +64,7 @@ def fake_model_config(hidden_size: int) -> SimpleNamespace:
 
 @pytest.fixture(scope="session")
 def tiny_codebook(tiny_models, tmp_path_factory) -> tuple[Path, float]:
-    """A codebook for the tiny LLaVA model (rows: its projected tokens of one image) and a threshold
-    that keeps part, not all, of a typical image's tokens."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    """A codebook for the tiny LLaVA model and a threshold that keeps part, not all, of its tokens."""
+    from lmms_eval_redundancy.demo import tiny_codebook as build
 
-    from lmms_eval_redundancy.codebook.store import Codebook, save_codebook
-    from lmms_eval_redundancy.methods.codebook import redundancy_scores
-
-    path = tiny_models["llava"]
-    model = LlavaForConditionalGeneration.from_pretrained(path).eval()
-    processor = AutoProcessor.from_pretrained(path)
-    pixels = processor.image_processor(images=[image(32, 32, 1), image(40, 30, 2)], return_tensors="pt")["pixel_values"]
-    with torch.no_grad():
-        features = model.model.get_image_features(pixel_values=pixels, vision_feature_layer=-2,
-                                                  vision_feature_select_strategy="default").pooler_output
-    prototypes = features[0][:6].clone()
-    threshold = float(redundancy_scores(features[1], prototypes).median())
-    out = save_codebook(Codebook(prototypes, {"model": "tiny llava", "source": "test fixture"}),
-                        tmp_path_factory.mktemp("codebook") / "tiny.safetensors")
-    return out, threshold
+    return build(tiny_models["llava"], tmp_path_factory.mktemp("codebook") / "tiny.safetensors")

@@ -85,8 +85,7 @@ class TokenLedger:
             self._stream.flush()
 
     def _all_samples(self) -> list[dict]:
-        if not self.log_dir:
-            return self.samples
+        """Every rank's records (read back from the per-rank streams)."""
         samples = []
         for path in sorted(self.log_dir.glob("rank*.jsonl")):
             samples += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -101,7 +100,7 @@ class TokenLedger:
         if self._stream:
             self._stream.close()
             self._stream = None
-        if self.rank != 0:
+        if self.rank != 0 or not self.results_dir:
             return None
         samples = self._all_samples()
         summary = {"settings": self.settings, "world_size": self.world_size, **summarize(samples)}
@@ -110,8 +109,6 @@ class TokenLedger:
         print(f"llava_redundancy tokens: {summary['visual_tokens_after']} of {summary['visual_tokens_before']} visual "
               f"tokens kept (retention {'n/a' if retention is None else f'{retention:.4f}'}), "
               f"floor hits {summary['floor_hits']}", file=sys.stderr)
-        if not self.results_dir:
-            return None
         results = self._results_file()
         stem = results.name[: -len("_results.json")] if results else f"run{run_key()}"
         summary["results_file"] = results.name if results else None

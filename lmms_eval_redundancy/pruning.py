@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,10 +36,12 @@ def prune_visual(visual: PackedVisual, method: PruningMethod, key: str, anyres: 
     anyres image is considered and crops with their newlines are dropped.
     """
     keep_mask = visual.newline.clone()
+    features = visual.features
     units, grids = visual.units, visual.grids
     if anyres == "base_only" and visual.base is not None:
         keep_mask[:] = False
-        units, grids = [visual.base], [None]
+        side = math.isqrt(visual.base.numel())  # the base view is a square grid
+        units, grids = [visual.base], [(side, side)]
     newlines_before = int(visual.newline.sum())
     records = []
     for index, (positions, grid) in enumerate(zip(units, grids)):
@@ -46,6 +49,10 @@ def prune_visual(visual: PackedVisual, method: PruningMethod, key: str, anyres: 
         selection = method.select_unit(VisualUnit(visual.features[positions], key=unit_key, grid=grid))
         kept = positions[selection.keep]
         keep_mask[kept] = True
+        if selection.features is not None:
+            if features is visual.features:
+                features = features.clone()
+            features[kept] = selection.features.to(features.dtype)
         records.append(UnitRecord(
             kind="frame" if visual.kind == "video" else "image",
             visual=0,
@@ -55,9 +62,9 @@ def prune_visual(visual: PackedVisual, method: PruningMethod, key: str, anyres: 
             newlines_before=newlines_before if index == 0 else 0,
             newlines_after=int((keep_mask & visual.newline).sum()) if index == 0 else 0,
             floor_hit=selection.floor_hit,
-            keep=selection.keep.tolist() if log_keep else None,
+            keep=selection.keep.tolist() if log_keep and selection.features is None else None,
         ))
-    return visual.features[keep_mask], records
+    return features[keep_mask], records
 
 
 def prune_sample(visuals: list[PackedVisual], method: PruningMethod, key: str, anyres: str = "full",

@@ -38,10 +38,15 @@ class VisualUnit:
 
 @dataclass
 class Selection:
-    """Sorted keep indices into a unit, and how the budget was met."""
+    """Sorted keep indices into a unit, and how the budget was met.
+
+    Methods that merge tokens (pooling) also return ``features``, the tokens that replace the unit; they
+    take the places of its first ``len(features)`` tokens (``keep`` then is ``arange(len(features))``).
+    """
 
     keep: torch.Tensor
     floor_hit: bool = False
+    features: torch.Tensor | None = None
 
 
 @dataclass

@@ -153,3 +153,24 @@ def test_unsupported_transformers_version_is_refused(monkeypatch):
 def test_multi_round_generation_refuses_clearly(tiny_models):
     with pytest.raises(NotImplementedError, match="multi-round"):
         wrapper(tiny_models["llava"]).generate_until_multi_round([])
+
+
+def test_log_keep_indices_records_sorted_kept_indices_per_image(tiny_models):
+    w = wrapper(tiny_models["llava"], method="random", tokens=3, log_keep_indices=True)
+    w.generate_until(requests_for(w, DOCS[:2]))
+    keeps = [u["keep"] for sample in w.ledger.samples for u in sample["units"]]
+    assert len(keeps) == 3
+    assert all(len(k) == 3 and k == sorted(set(k)) and max(k) < 16 for k in keeps)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_anyres_base_only_keeps_the_base_view_and_drops_crops_and_newlines(tiny_models, family):
+    full = wrapper(tiny_models[family], method="random", retention=0.5)
+    base = wrapper(tiny_models[family], method="random", retention=0.5, anyres="base_only")
+    doc = {"question": "what is it ?", "visuals": [image(64, 40, 3)], "target": " red"}
+    full.generate_until(requests_for(full, [doc]))
+    base.generate_until(requests_for(base, [doc]))
+    (full_unit,) = full.ledger.samples[0]["units"]
+    (base_unit,) = base.ledger.samples[0]["units"]
+    assert full_unit["before"] > 16 and full_unit["newlines_after"] == full_unit["newlines_before"] > 0
+    assert base_unit == {**base_unit, "before": 16, "after": 8, "newlines_after": 0}

@@ -2,7 +2,9 @@
 
 Score of a post-projector token f: ``s(f) = max_p cos(f, C_p)``. Variants: ``threshold`` keeps tokens
 with ``s < t`` (at least the lowest-scoring one per image); ``ratio`` keeps the ``round(r*N)`` (or
-``tokens=k``) tokens with the smallest ``s``.
+``tokens=k``) tokens with the smallest ``s``; ``double_softmax`` (the official multi-image and video rule)
+scores ``max_p softmax_N(A) * softmax_P(A)`` of the cosine matrix ``A`` and keeps the
+``N - round(N * (1 - r))`` lowest-scoring tokens. Video is pruned per frame by the engine.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 from lmms_eval_redundancy.budget import Budget
 from lmms_eval_redundancy.registry import MethodError, PruningMethod, Selection, VisualUnit, register
 
-VARIANTS = ("threshold", "ratio")
+VARIANTS = ("threshold", "ratio", "double_softmax")
 
 
 def redundancy_scores(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
@@ -22,6 +24,21 @@ def redundancy_scores(features: torch.Tensor, prototypes: torch.Tensor) -> torch
     f = torch.nn.functional.normalize(features.float(), dim=-1)
     c = torch.nn.functional.normalize(prototypes.to(f.device).float(), dim=-1)
     return (f @ c.T).max(dim=-1).values
+
+
+def double_softmax_scores(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """``[N]``: max over prototypes of softmax-over-tokens times softmax-over-prototypes of the cosines."""
+    f = torch.nn.functional.normalize(features.float(), dim=-1)
+    c = torch.nn.functional.normalize(prototypes.to(f.device).float(), dim=-1)
+    cosine = f @ c.T
+    return (cosine.softmax(dim=0) * cosine.softmax(dim=1)).max(dim=-1).values
+
+
+def double_softmax_keep_count(n: int, budget: Budget) -> int:
+    """The official count ``N - round(N * (1 - r))``, which can differ from ``round(r * N)`` by one."""
+    if budget.kind == "retention":
+        return max(1, n - round(n * (1 - budget.value)))
+    return budget.keep_count(n)
 
 
 def keep_below(scores: torch.Tensor, threshold: float) -> tuple[torch.Tensor, bool]:
@@ -44,9 +61,12 @@ def select(features, prototypes, *, threshold=None, retention=None, tokens=None,
         if threshold is None:
             raise ValueError("variant='threshold' needs threshold=")
         return keep_below(scores, threshold)[0]
+    budget = Budget("retention", retention) if retention is not None else Budget("tokens", tokens)
     if variant == "ratio":
-        budget = Budget("retention", retention) if retention is not None else Budget("tokens", tokens)
         return keep_lowest(scores, budget.keep_count(scores.numel()))
+    if variant == "double_softmax":
+        scores = double_softmax_scores(features, prototypes)
+        return keep_lowest(scores, double_softmax_keep_count(scores.numel(), budget))
     raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
 
 
@@ -58,7 +78,7 @@ class CodebookPruning(PruningMethod):
     @dataclass
     class Params:
         codebook: str = ""
-        variant: str = ""  # filled in from the budget: threshold= -> "threshold", retention=/tokens= -> "ratio"
+        variant: str = ""  # default from the budget: threshold= -> "threshold", retention=/tokens= -> "ratio"
 
     def validate(self) -> None:
         from lmms_eval_redundancy.codebook.store import check_codebook_path
@@ -74,12 +94,12 @@ class CodebookPruning(PruningMethod):
             raise MethodError("method=codebook needs a budget: threshold=t, retention=r or tokens=k")
         if self.params.variant and self.params.variant not in VARIANTS:
             raise MethodError(f"unknown codebook variant {self.params.variant!r}; choose one of {', '.join(VARIANTS)}")
-        if self.params.variant and self.params.variant != implied:
+        if self.params.variant and (self.params.variant == "threshold") != (implied == "threshold"):
             raise MethodError(
                 f"variant={self.params.variant} does not match the budget {self.budget.describe()}: "
-                "variant=threshold takes threshold=, variant=ratio takes retention= or tokens="
+                "variant=threshold takes threshold=, variant=ratio and variant=double_softmax take retention= or tokens="
             )
-        self.params.variant = implied
+        self.params.variant = self.params.variant or implied
         self.prototypes = None
 
     def attach(self, model) -> None:
@@ -97,8 +117,12 @@ class CodebookPruning(PruningMethod):
     def select_unit(self, unit: VisualUnit) -> Selection:
         if self.prototypes.device != unit.features.device:
             self.prototypes = self.prototypes.to(unit.features.device)
+        n = unit.features.shape[0]
+        if self.params.variant == "double_softmax":
+            scores = double_softmax_scores(unit.features, self.prototypes)
+            return Selection(keep_lowest(scores, double_softmax_keep_count(n, self.budget)))
         scores = redundancy_scores(unit.features, self.prototypes)
         if self.params.variant == "threshold":
             keep, floor_hit = keep_below(scores, self.budget.value)
             return Selection(keep, floor_hit)
-        return Selection(keep_lowest(scores, self.budget.keep_count(scores.numel())))
+        return Selection(keep_lowest(scores, self.budget.keep_count(n)))

@@ -1,0 +1,40 @@
+"""``divprune``: greedy max-min diversity on post-projector tokens (distance ``1 - cos``).
+
+First pick: the token whose nearest other token is farthest. Each next pick: the unpicked token whose
+distance to the picked set is largest. A running minimum keeps the loop O(kN); picked tokens are
+excluded, so exact duplicates never yield a repeated index (the official code can repeat one).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmms_eval_redundancy.registry import PruningMethod, Selection, VisualUnit, register
+
+
+def select(features: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted indices of ``k`` mutually distant rows of ``features [N, D]`` (ties to the lower index)."""
+    n = features.shape[0]
+    k = min(k, n)
+    unit = torch.nn.functional.normalize(features.float(), dim=-1)
+    distance = 1 - unit @ unit.T
+    if n == 1:
+        return torch.zeros(1, dtype=torch.long, device=features.device)
+    nearest_other = distance.clone().fill_diagonal_(float("inf")).min(dim=1).values
+    picked = torch.empty(k, dtype=torch.long, device=features.device)
+    picked[0] = nearest_other.argmax()
+    to_picked = distance[picked[0]].clone()
+    to_picked[picked[0]] = -float("inf")
+    for i in range(1, k):
+        picked[i] = to_picked.argmax()
+        to_picked = torch.minimum(to_picked, distance[picked[i]])  # earlier picks stay at -inf
+        to_picked[picked[i]] = -float("inf")
+    return picked.sort().values
+
+
+@register
+class DivPrune(PruningMethod):
+    name = "divprune"
+
+    def select_unit(self, unit: VisualUnit) -> Selection:
+        return Selection(select(unit.features, self.budget.keep_count(unit.features.shape[0])))

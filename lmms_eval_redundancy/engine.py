@@ -37,7 +37,12 @@ class PruningEngine:
         ``frames_as_images[b]`` counts the trailing images of sample ``b`` that are video frames (families
         without video input); they are recorded as frames.
         """
-        visuals = self.adapter.encode(inputs, images_per_sample, videos_per_sample)
+        if self.method.needs_vision_scores:
+            with self.method.observing_vision() as captured:
+                visuals = self.adapter.encode(inputs, images_per_sample, videos_per_sample)
+            self.adapter.attach_scores(visuals, captured, inputs)
+        else:
+            visuals = self.adapter.encode(inputs, images_per_sample, videos_per_sample)
         kept, records = [], []
         for sample_visuals, key in zip(visuals, keys):
             if self.method.stage is Stage.BEFORE_LLM:

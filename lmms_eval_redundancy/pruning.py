@@ -46,7 +46,8 @@ def prune_visual(visual: PackedVisual, method: PruningMethod, key: str, anyres: 
     records = []
     for index, (positions, grid) in enumerate(zip(units, grids)):
         unit_key = f"{key}/{visual.kind}{index}"
-        selection = method.select_unit(VisualUnit(visual.features[positions], key=unit_key, grid=grid))
+        scores = None if visual.scores is None else visual.scores[positions]
+        selection = method.select_unit(VisualUnit(visual.features[positions], key=unit_key, grid=grid, scores=scores))
         kept = positions[selection.keep]
         keep_mask[kept] = True
         if selection.features is not None:

@@ -28,12 +28,14 @@ class VisualUnit:
 
     ``features`` are post-projector tokens ``[N, D]`` with newline tokens already removed; ``key``
     identifies the unit across runs (used to seed random choices); ``grid`` is the (rows, cols) of
-    the token grid when the unit is a plain raster (``None`` for packed anyres sequences).
+    the token grid when the unit is a plain raster (``None`` for packed anyres sequences); ``scores``
+    are per-token vision-tower attention scores for methods that ask for them.
     """
 
     features: torch.Tensor
     key: str
     grid: tuple[int, int] | None = None
+    scores: torch.Tensor | None = None
 
 
 @dataclass
@@ -64,6 +66,7 @@ class PruningMethod:
     stage: typing.ClassVar[Stage] = Stage.BEFORE_LLM
     budgets: typing.ClassVar[tuple[str, ...]] = ("retention", "tokens")
     Params: typing.ClassVar[type] = NoParams
+    needs_vision_scores: typing.ClassVar[bool] = False  # if True, implement ``observing_vision()``
 
     def validate(self) -> None:
         """Check parameters against each other and the budget; raise ``MethodError`` when they clash."""

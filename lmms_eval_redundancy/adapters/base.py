@@ -22,6 +22,7 @@ class PackedVisual:
     newline: torch.Tensor  # bool [L]
     grids: list[tuple[int, int] | None] = field(default_factory=list)
     base: torch.Tensor | None = None
+    scores: torch.Tensor | None = None  # [L] vision attention scores aligned to ``features`` (NaN at newlines)
 
     @property
     def length(self) -> int:
@@ -60,6 +61,23 @@ class FamilyAdapter:
 
     def video_features(self, inputs) -> list[PackedVisual]:
         raise NotImplementedError(f"{self.family} has no native video input")
+
+    def image_scores(self, tile_scores: torch.Tensor, inputs) -> list[torch.Tensor]:
+        """Per-patch scores of every vision tile, aligned to each image's packed sequence."""
+        raise NotImplementedError
+
+    def video_scores(self, frame_scores: torch.Tensor, inputs) -> list[torch.Tensor]:
+        raise NotImplementedError(f"{self.family} has no native video input")
+
+    def attach_scores(self, grouped: list[list[PackedVisual]], captured: list[torch.Tensor], inputs) -> None:
+        """Give each visual its scores; ``captured`` holds one tensor per vision forward (images, then videos)."""
+        visuals = [v for sample in grouped for v in sample]
+        captured = list(captured)
+        for kind, align in (("image", self.image_scores), ("video", self.video_scores)):
+            of_kind = [v for v in visuals if v.kind == kind]
+            if of_kind:
+                for visual, scores in zip(of_kind, align(captured.pop(0), inputs)):
+                    visual.scores = scores
 
     def encode(self, inputs, images_per_sample: list[int], videos_per_sample: list[int]) -> list[list[PackedVisual]]:
         """All visuals of the batch, grouped per sample in placeholder order."""

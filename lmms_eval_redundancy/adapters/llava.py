@@ -25,3 +25,6 @@ class LlavaAdapter(FamilyAdapter):
             newline=torch.zeros(n, dtype=torch.bool, device=features.device),
             grids=[(side, side) if side * side == n else None],
         )
+
+    def image_scores(self, tile_scores, inputs):
+        return list(tile_scores)

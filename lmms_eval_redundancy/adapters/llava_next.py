@@ -1,8 +1,11 @@
 """LLaVA-NeXT (anyres): base view, then the unpadded crop grid with one ``image_newline`` per row."""
 
 import torch
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from lmms_eval_redundancy.adapters.base import FamilyAdapter, PackedVisual, newline_mask
+
+NEWLINE_SCORE = torch.tensor([float("nan")])  # stands in for image_newline when packing score maps
 
 
 class LlavaNextAdapter(FamilyAdapter):
@@ -33,3 +36,17 @@ class LlavaNextAdapter(FamilyAdapter):
             grids=[None if has_crops else (side, side)],
             base=torch.arange(self.base_tokens, device=features.device) if has_crops else None,
         )
+
+    def tiles_per_image(self, inputs) -> list[int]:
+        """Vision tiles (base view + crops) of each image, as ``get_image_features`` splits them."""
+        return [image_size_to_num_patches(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+                for size in inputs["image_sizes"]]
+
+    def pack_scores(self, per_image: list[torch.Tensor], image_sizes) -> list[torch.Tensor]:
+        return self.model.model.pack_image_features(
+            per_image, image_sizes, self.config.vision_feature_select_strategy, image_newline=NEWLINE_SCORE
+        )[0]
+
+    def image_scores(self, tile_scores, inputs):
+        per_image = torch.split(tile_scores[..., None], self.tiles_per_image(inputs))
+        return [packed[:, 0] for packed in self.pack_scores(list(per_image), inputs["image_sizes"])]

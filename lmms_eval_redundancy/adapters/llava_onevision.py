@@ -5,7 +5,7 @@ import math
 import torch
 
 from lmms_eval_redundancy.adapters.base import PackedVisual
-from lmms_eval_redundancy.adapters.llava_next import LlavaNextAdapter
+from lmms_eval_redundancy.adapters.llava_next import NEWLINE_SCORE, LlavaNextAdapter
 
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
@@ -43,3 +43,22 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                 grids=[pooled] * frames,
             ))
         return videos
+
+    def tiles_per_image(self, inputs):
+        tiles = super().tiles_per_image(inputs)
+        counts = inputs.get("batch_num_images")
+        if counts is None:
+            return tiles
+        single = [int(n) == 1 for n in counts for _ in range(int(n))]
+        return [t if alone else 1 for t, alone in zip(tiles, single)]
+
+    def pack_scores(self, per_image, image_sizes):
+        return self.model.model.pack_image_features(
+            per_image, image_sizes, image_newline=NEWLINE_SCORE, vision_aspect_ratio=self.config.vision_aspect_ratio
+        )[0]
+
+    def video_scores(self, frame_scores, inputs):
+        frames = inputs["pixel_values_videos"].shape[1]
+        pooled = self.model.model.apply_pooling(frame_scores[..., None])[..., 0]  # [videos * frames, per_frame]
+        newline = NEWLINE_SCORE.to(pooled.device, pooled.dtype)
+        return [torch.cat([video.flatten(), newline]) for video in pooled.split(frames)]

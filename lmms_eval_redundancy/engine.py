@@ -6,10 +6,40 @@ import contextlib
 
 import torch
 
-from lmms_eval_redundancy.adapters import family_of
+from lmms_eval_redundancy.adapters import PackedVisual, family_of
 from lmms_eval_redundancy.pruning import ANYRES_POLICIES, UnitRecord, prune_sample
 from lmms_eval_redundancy.registry import MethodError, PruningMethod, Stage
 from lmms_eval_redundancy.sequence import SplicedBatch, splice
+
+
+def unit_records(visuals: list[PackedVisual]) -> list[UnitRecord]:
+    """Keep-all records of a sample's images/frames, for methods that decide inside the LLM."""
+    records = []
+    for index, visual in enumerate(visuals):
+        newlines = int(visual.newline.sum())
+        for unit, positions in enumerate(visual.units):
+            records.append(UnitRecord(kind="frame" if visual.kind == "video" else "image", visual=index, unit=unit,
+                                      before=positions.numel(), after=positions.numel(),
+                                      newlines_before=newlines if unit == 0 else 0,
+                                      newlines_after=newlines if unit == 0 else 0))
+    return records
+
+
+def unit_map(visual_mask: torch.Tensor, visuals: list[list[PackedVisual]]) -> torch.Tensor:
+    """``[B, T]``: at each visual position, the index of its record (as ``unit_records`` numbers them);
+    -1 at text, padding and newline positions."""
+    ids = torch.full(visual_mask.shape, -1, dtype=torch.long, device=visual_mask.device)
+    for row, sample_visuals in enumerate(visuals):
+        per_token, offset = [], 0
+        for visual in sample_visuals:
+            labels = torch.full((visual.length,), -1, dtype=torch.long, device=visual_mask.device)
+            for unit, positions in enumerate(visual.units):
+                labels[positions] = offset + unit
+            offset += len(visual.units)
+            per_token.append(labels)
+        if per_token:
+            ids[row, visual_mask[row]] = torch.cat(per_token)
+    return ids
 
 
 class PruningEngine:
@@ -48,7 +78,7 @@ class PruningEngine:
             if self.method.stage is Stage.BEFORE_LLM:
                 features, sample_records = prune_sample(sample_visuals, self.method, key, self.anyres, self.log_keep_indices)
             else:
-                features, sample_records = [v.features for v in sample_visuals], []
+                features, sample_records = [v.features for v in sample_visuals], unit_records(sample_visuals)
             kept.append(features)
             records.append(sample_records)
         for sample_records, n_images, n_frames in zip(records, images_per_sample, frames_as_images or []):
@@ -58,6 +88,9 @@ class PruningEngine:
         lengths = [[v.length for v in sample_visuals] for sample_visuals in visuals]
         batch = splice(inputs["input_ids"], inputs["attention_mask"], lengths, kept, self.adapter.placeholder_ids,
                        self.pad_id, self.model.get_input_embeddings())
+        if self.method.stage is Stage.INSIDE_LLM:
+            batch.unit_ids = unit_map(batch.visual_mask, visuals)
+            batch.prunable_mask = batch.unit_ids >= 0
         return batch, records
 
     def around_llm(self, batch: SplicedBatch, records: list[list[UnitRecord]]):

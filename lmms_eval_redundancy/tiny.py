@@ -80,7 +80,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _text_config(family: str, vocab_size: int, hidden: int = 64, layers: int = 2):
+def _text_config(family: str, vocab_size: int, hidden: int = 64, layers: int = 4):
     common = dict(
         vocab_size=vocab_size,
         hidden_size=hidden,

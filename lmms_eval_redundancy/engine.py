@@ -73,6 +73,8 @@ class PruningEngine:
             self.adapter.attach_scores(visuals, captured, inputs)
         else:
             visuals = self.adapter.encode(inputs, images_per_sample, videos_per_sample)
+        if self.anyres == "per_view":
+            self.adapter.attach_views(visuals, inputs)
         kept, records = [], []
         for sample_visuals, key in zip(visuals, keys):
             if self.method.stage is Stage.BEFORE_LLM:

@@ -10,7 +10,7 @@ import torch
 from lmms_eval_redundancy.adapters.base import PackedVisual
 from lmms_eval_redundancy.registry import PruningMethod, VisualUnit
 
-ANYRES_POLICIES = ("full", "base_only")
+ANYRES_POLICIES = ("full", "base_only", "per_view")
 
 
 @dataclass
@@ -33,7 +33,8 @@ def prune_visual(visual: PackedVisual, method: PruningMethod, key: str, anyres: 
     """Kept features of ``visual`` (in original order) and one record per unit.
 
     Newline tokens are always kept, except with ``anyres=base_only`` where only the base view of an
-    anyres image is considered and crops with their newlines are dropped.
+    anyres image is considered and crops with their newlines are dropped. With ``anyres=per_view`` each
+    view of an anyres image (base, then each crop) is a unit with its own budget.
     """
     keep_mask = visual.newline.clone()
     features = visual.features
@@ -42,6 +43,10 @@ def prune_visual(visual: PackedVisual, method: PruningMethod, key: str, anyres: 
         keep_mask[:] = False
         side = math.isqrt(visual.base.numel())  # the base view is a square grid
         units, grids = [visual.base], [(side, side)]
+    elif anyres == "per_view" and visual.base is not None:
+        views = visual.views.round()
+        units = [torch.nonzero(views == v).flatten() for v in views[~visual.newline].unique()]
+        grids = [None] * len(units)
     newlines_before = int(visual.newline.sum())
     records = []
     for index, (positions, grid) in enumerate(zip(units, grids)):

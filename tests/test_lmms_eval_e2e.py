@@ -63,6 +63,26 @@ def test_every_task_kind_runs_and_writes_results_and_token_summary(tiny_models, 
         assert tokens["newline_tokens_after"] == tokens["newline_tokens_before"] > 0
 
 
+METHOD_ARGS = {
+    "divprune": "method=divprune,tokens=3",
+    "fastervlm": "method=fastervlm,retention=0.3",
+    "fastv": "method=fastv,retention=0.3,fastv_k=2",
+    "pooling": "method=pooling,tokens=4,anyres=base_only",
+    "codebook_double_softmax": "method=codebook,codebook={codebook},retention=0.3,variant=double_softmax",
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHOD_ARGS)
+def test_every_method_runs_through_lmms_eval(tiny_models, tiny_codebook, local_data, tmp_path, family, method):
+    args = METHOD_ARGS[method].format(codebook=tiny_codebook[0])
+    results, tokens, _ = run_lmms_eval(f"pretrained={tiny_models[family]},{args}", tmp_path)
+    assert set(results["results"]) >= set(DOCS)
+    assert tokens["samples"] == REQUESTS and tokens["frames"] > 0
+    assert 0 < tokens["visual_tokens_after"] < tokens["visual_tokens_before"]
+    assert tokens["settings"]["method"] == method.split("_")[0]
+
+
 def test_codebook_threshold_run_keeps_fewer_tokens(tiny_models, tiny_codebook, local_data, tmp_path):
     codebook, threshold = tiny_codebook
     args = f"pretrained={tiny_models['llava']},method=codebook,codebook={codebook},threshold={threshold}"

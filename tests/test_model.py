@@ -174,3 +174,34 @@ def test_anyres_base_only_keeps_the_base_view_and_drops_crops_and_newlines(tiny_
     (base_unit,) = base.ledger.samples[0]["units"]
     assert full_unit["before"] > 16 and full_unit["newlines_after"] == full_unit["newlines_before"] > 0
     assert base_unit == {**base_unit, "before": 16, "after": 8, "newlines_after": 0}
+
+
+ALL_METHODS = [
+    {"method": "divprune", "retention": 0.4},
+    {"method": "fastervlm", "retention": 0.4},
+    {"method": "fastv", "retention": 0.4},
+    {"method": "pooling", "tokens": 4, "anyres": "base_only"},
+    {"method": "codebook", "retention": 0.4, "variant": "double_softmax"},
+]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ALL_METHODS, ids=lambda m: m["method"])
+def test_every_method_batch_of_two_equals_batch_of_one(tiny_models, tiny_codebook, family, method):
+    if method["method"] == "codebook":
+        method = {**method, "codebook": str(tiny_codebook[0])}
+    one = wrapper(tiny_models[family], batch_size=1, **method)
+    two = wrapper(tiny_models[family], batch_size=2, **method)
+    assert two.generate_until(requests_for(two, DOCS)) == one.generate_until(requests_for(one, DOCS))
+    kept = lambda w: sorted((s["doc_id"], u["visual"], u["unit"], u["after"]) for s in w.ledger.samples for u in s["units"])  # noqa: E731
+    assert kept(one) == kept(two)
+    assert any(u["after"] < u["before"] for s in one.ledger.samples for u in s["units"])
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_anyres_per_view_gives_each_view_its_own_budget(tiny_models, family):
+    w = wrapper(tiny_models[family], method="fastervlm", tokens=4, anyres="per_view")
+    w.generate_until(requests_for(w, [{"question": "what is it ?", "visuals": [image(64, 40, 3)]}]))
+    units = w.ledger.samples[0]["units"]
+    assert [(u["unit"], u["before"], u["after"]) for u in units] == [(0, 16, 4)] + [(i, 12, 4) for i in range(1, 5)]
+    assert units[0]["newlines_after"] == units[0]["newlines_before"] > 0

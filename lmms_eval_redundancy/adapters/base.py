@@ -23,6 +23,7 @@ class PackedVisual:
     grids: list[tuple[int, int] | None] = field(default_factory=list)
     base: torch.Tensor | None = None
     scores: torch.Tensor | None = None  # [L] vision attention scores aligned to ``features`` (NaN at newlines)
+    views: torch.Tensor | None = None  # [L] anyres view of each token (0 = base view; NaN at newlines)
 
     @property
     def length(self) -> int:
@@ -68,6 +69,17 @@ class FamilyAdapter:
 
     def video_scores(self, frame_scores: torch.Tensor, inputs) -> list[torch.Tensor]:
         raise NotImplementedError(f"{self.family} has no native video input")
+
+    def attach_views(self, grouped: list[list[PackedVisual]], inputs) -> None:
+        """Label each token of every anyres image with the view (base, crop 1, ...) it came from."""
+        images = [v for sample in grouped for v in sample if v.kind == "image"]
+        if not images or not hasattr(self, "tiles_per_image"):
+            return
+        tiles = self.tiles_per_image(inputs)
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        index_map = torch.cat([torch.arange(n, dtype=torch.float32)[:, None].expand(n, side * side) for n in tiles])
+        for visual, views in zip(images, self.image_scores(index_map.to(images[0].features.device), inputs)):
+            visual.views = views
 
     def attach_scores(self, grouped: list[list[PackedVisual]], captured: list[torch.Tensor], inputs) -> None:
         """Give each visual its scores; ``captured`` holds one tensor per vision forward (images, then videos)."""

@@ -43,6 +43,17 @@ def _demo(args) -> None:
     run(args.out)
 
 
+def _show_kept(args) -> None:
+    from PIL import Image
+
+    from lmms_eval_redundancy.show import show_kept, task_image
+
+    if bool(args.image) == bool(args.task):
+        raise SystemExit("give either --image PATH or --task NAME (with --doc N)")
+    image = Image.open(args.image).convert("RGB") if args.image else task_image(args.task, args.doc, args.include_path)
+    print(show_kept(args.pretrained, image, args.method, args.out, args.scale))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmms-eval-redundancy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="evaluate several methods on the embedded tiny model and local tasks (CPU, offline)")
     p.add_argument("--out", default="results/demo", help="folder for the model, codebook and lmms-eval outputs")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("show-kept", help="draw the tokens each method keeps over an image, side by side, into a PNG")
+    p.add_argument("pretrained", help="checkpoint folder or hub id")
+    p.add_argument("--image", help="an image file")
+    p.add_argument("--task", help="an lmms-eval task; its document --doc gives the image")
+    p.add_argument("--doc", type=int, default=0)
+    p.add_argument("--include_path", help="folder of extra task YAMLs (e.g. tasks/local)")
+    p.add_argument("--method", action="append", required=True,
+                   help='method and its model_args, e.g. "none" or "codebook,codebook=cb.safetensors,threshold=0.45"; repeat')
+    p.add_argument("--scale", type=int, default=4, help="enlarge the tiles by this factor")
+    p.add_argument("--out", default="kept.png")
+    p.set_defaults(func=_show_kept)
 
     p = sub.add_parser("methods", help="list the pruning methods with their stage, budgets and parameters")
     p.set_defaults(func=_methods)

@@ -98,4 +98,4 @@ class PruningEngine:
     def around_llm(self, batch: SplicedBatch, records: list[list[UnitRecord]]):
         """Context for the LLM call; methods acting inside the LLM hook in here."""
         hook = getattr(self.method, "around_llm", None)
-        return hook(batch, records) if hook else contextlib.nullcontext()
+        return hook(batch, records, self.log_keep_indices) if hook else contextlib.nullcontext()

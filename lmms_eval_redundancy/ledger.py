@@ -21,7 +21,7 @@ from pathlib import Path
 
 def output_path_from_argv(argv: list[str]) -> str | None:
     """The ``--output_path`` of the running ``lmms_eval`` command, if any."""
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--output_path", default=None)
     return parser.parse_known_args(argv)[0].output_path
 

@@ -28,25 +28,29 @@ class UnitRecord:
     keep: list[int] | None = None
 
 
-def prune_visual(visual: PackedVisual, method: PruningMethod, key: str, anyres: str = "full",
-                 log_keep: bool = False) -> tuple[torch.Tensor, list[UnitRecord]]:
-    """Kept features of ``visual`` (in original order) and one record per unit.
+def policy_units(visual: PackedVisual, anyres: str) -> tuple[list[torch.Tensor], list, bool]:
+    """The units a method chooses within, their grids, and whether newline tokens are kept.
 
-    Newline tokens are always kept, except with ``anyres=base_only`` where only the base view of an
-    anyres image is considered and crops with their newlines are dropped. With ``anyres=per_view`` each
-    view of an anyres image (base, then each crop) is a unit with its own budget.
+    Default: the visual's own units (the image, or each frame), newlines kept. ``base_only``: only the
+    base view of an anyres image, crops and newlines dropped. ``per_view``: each view of an anyres
+    image (base, then each crop) is a unit with its own budget.
     """
-    keep_mask = visual.newline.clone()
-    features = visual.features
-    units, grids = visual.units, visual.grids
     if anyres == "base_only" and visual.base is not None:
-        keep_mask[:] = False
         side = math.isqrt(visual.base.numel())  # the base view is a square grid
-        units, grids = [visual.base], [(side, side)]
-    elif anyres == "per_view" and visual.base is not None:
+        return [visual.base], [(side, side)], False
+    if anyres == "per_view" and visual.base is not None:
         views = visual.views.round()
         units = [torch.nonzero(views == v).flatten() for v in views[~visual.newline].unique()]
-        grids = [None] * len(units)
+        return units, [None] * len(units), True
+    return visual.units, visual.grids, True
+
+
+def prune_visual(visual: PackedVisual, method: PruningMethod, key: str, anyres: str = "full",
+                 log_keep: bool = False) -> tuple[torch.Tensor, list[UnitRecord]]:
+    """Kept features of ``visual`` (in original order) and one record per unit of ``policy_units``."""
+    units, grids, keep_newlines = policy_units(visual, anyres)
+    keep_mask = visual.newline.clone() if keep_newlines else torch.zeros_like(visual.newline)
+    features = visual.features
     newlines_before = int(visual.newline.sum())
     records = []
     for index, (positions, grid) in enumerate(zip(units, grids)):

@@ -112,12 +112,12 @@ class FastV(PruningMethod):
         return {**super().settings(), "selection": "last token attention, head mean, at layer K-1"}
 
     @contextlib.contextmanager
-    def around_llm(self, batch, records):
+    def around_llm(self, batch, records, log_keep: bool = False):
         """Arm the hooks for one generate/forward call over ``batch`` and fill ``records`` after prefill."""
         self.state = PrefillState(prunable=batch.prunable_mask, valid=batch.attention_mask.bool(), unit_ids=batch.unit_ids)
         try:
             yield
-            self._record(records)
+            self._record(records, log_keep)
         finally:
             self.state = None
 
@@ -173,12 +173,16 @@ class FastV(PruningMethod):
         blocked = torch.finfo(hidden_states.dtype).min
         return torch.zeros(allowed.shape, dtype=hidden_states.dtype, device=allowed.device).masked_fill(~allowed, blocked)
 
-    def _record(self, records) -> None:
-        """Kept counts per image/frame, from the positions chosen at prefill."""
+    def _record(self, records, log_keep: bool) -> None:
+        """Kept counts (and, with ``log_keep``, kept indices) per image/frame, from the prefill choice."""
         state = self.state
         for row, row_records in enumerate(records):
-            if state.gather is None:
-                continue  # nothing was dropped: the records already say "all kept"
-            kept_units = state.unit_ids[row][state.gather[row][state.gathered_valid[row]]]
+            kept = torch.ones_like(state.valid[row])
+            if state.gather is not None:
+                kept = torch.zeros_like(kept)
+                kept[state.gather[row][state.gathered_valid[row]]] = True
             for index, record in enumerate(row_records):
-                record.after = int((kept_units == index).sum())
+                in_unit = kept[state.unit_ids[row] == index]  # the unit's tokens in order: kept or not
+                record.after = int(in_unit.sum())
+                if log_keep:
+                    record.keep = torch.nonzero(in_unit).flatten().tolist()

@@ -54,6 +54,12 @@ def _show_kept(args) -> None:
     print(show_kept(args.pretrained, image, args.method, args.out, args.scale))
 
 
+def _bench_overhead(args) -> None:
+    from lmms_eval_redundancy.bench import run
+
+    run(text_layers=args.text_layers, vision_layers=args.vision_layers, keep_tokens=args.tokens, repeats=args.repeats)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmms-eval-redundancy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, default=4, help="enlarge the tiles by this factor")
     p.add_argument("--out", default="kept.png")
     p.set_defaults(func=_show_kept)
+
+    p = sub.add_parser("bench-overhead", help="each method's selection time against unpruned prefill (LLaVA-1.5 widths)")
+    p.add_argument("--text-layers", type=int, default=2)
+    p.add_argument("--vision-layers", type=int, default=24)
+    p.add_argument("--tokens", type=int, default=64, help="visual tokens kept of 576")
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(func=_bench_overhead)
 
     p = sub.add_parser("methods", help="list the pruning methods with their stage, budgets and parameters")
     p.set_defaults(func=_methods)

@@ -207,7 +207,8 @@ def build_tiny_model(family: str, out_dir: str | Path, seed: int = 0, image_size
     return out_dir
 
 
-def real_geometry_config(name: str, text_layers: int = 1, vision_layers: int = 2):
+def real_geometry_config(name: str, text_layers: int = 1, vision_layers: int = 2, intermediate_size: int = 256,
+                         vocab_size: int = 1024):
     """Config with the vision geometry of a real llava-hf checkpoint and a cut-down text tower.
 
     ``name`` is one of ``llava-1.5-7b``, ``llava-v1.6-vicuna-7b``, ``llava-onevision-qwen2-0.5b``,
@@ -223,7 +224,8 @@ def real_geometry_config(name: str, text_layers: int = 1, vision_layers: int = 2
         hidden_size=1152, intermediate_size=4304, num_hidden_layers=vision_layers, num_attention_heads=16,
         image_size=384, patch_size=14,
     )
-    llama = dict(vocab_size=1024, intermediate_size=256, num_hidden_layers=text_layers, num_attention_heads=32)
+    llama = dict(vocab_size=vocab_size, intermediate_size=intermediate_size, num_hidden_layers=text_layers,
+                 num_attention_heads=32)
     if name == "llava-1.5-7b":
         return LlavaConfig(vision_config=clip_336, text_config=LlamaConfig(hidden_size=4096, **llama),
                            image_token_id=32000, vision_feature_layer=-2, vision_feature_select_strategy="default")
@@ -234,7 +236,8 @@ def real_geometry_config(name: str, text_layers: int = 1, vision_layers: int = 2
     hidden = {"llava-onevision-qwen2-0.5b": 896, "llava-onevision-qwen2-7b": 3584}.get(name)
     if hidden is None:
         raise ValueError(f"unknown geometry {name!r}")
-    qwen = Qwen2Config(vocab_size=1024, hidden_size=hidden, intermediate_size=256, num_hidden_layers=text_layers,
+    qwen = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate_size,
+                       num_hidden_layers=text_layers,
                        num_attention_heads=14 if hidden == 896 else 28, num_key_value_heads=2)
     return LlavaOnevisionConfig(vision_config=siglip_384, text_config=qwen, image_token_id=151646,
                                 video_token_id=151647, image_grid_pinpoints=ONEVISION_PINPOINTS,

@@ -101,4 +101,11 @@ def test_two_cpu_processes_give_the_same_outputs_as_one(tiny_models, local_data,
     assert tokens_two["samples"] == tokens_one["samples"] == REQUESTS
     for key in ("visual_tokens_before", "visual_tokens_after", "achieved_retention"):
         assert tokens_two[key] == tokens_one[key]
-    assert sample_outputs(folder_two) == sample_outputs(folder_one)
+    one, two = sample_outputs(folder_one), sample_outputs(folder_two)
+    assert one.keys() == two.keys()
+    for key in one:
+        if key[1].startswith("tiny_image_choice"):  # loglikelihoods: batches differ, so the last bits may too
+            assert [g for _, g in two[key]] == [g for _, g in one[key]]
+            assert [float(s) for s, _ in two[key]] == pytest.approx([float(s) for s, _ in one[key]], abs=1e-4)
+        else:
+            assert two[key] == one[key]

@@ -48,6 +48,9 @@ class PruningEngine:
     def __init__(self, model, processor, method: PruningMethod, anyres: str = "full", log_keep_indices: bool = False):
         if anyres not in ANYRES_POLICIES:
             raise MethodError(f"anyres={anyres!r} is not supported; choose one of {', '.join(ANYRES_POLICIES)}")
+        if method.stage is Stage.INSIDE_LLM and anyres != "full":
+            raise MethodError(f"anyres={anyres} applies to methods before the LLM; {method.name} chooses among all "
+                              "visual tokens of a sample inside the LLM: drop anyres=")
         self.model = model
         self.adapter = family_of(model.config.model_type)[1](model, processor)
         self.method = method

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
 from lmms_eval_redundancy.pruning import policy_units
 
@@ -47,9 +48,9 @@ def tile_images(processor, pixel_values: torch.Tensor) -> list[np.ndarray]:
 def token_origins(adapter, inputs, visual) -> torch.Tensor:
     """``[L, 2]`` (tile, patch) each packed token came from; -1 at newlines."""
     side = adapter.config.vision_config.image_size // adapter.config.vision_config.patch_size
-    tiles = adapter.tiles_per_image(inputs) if hasattr(adapter, "tiles_per_image") else [1]
-    index = torch.arange(tiles[0] * side * side, dtype=torch.float32).view(tiles[0], side * side)
-    packed = adapter.image_scores(index, inputs)[0] if hasattr(adapter, "tiles_per_image") else index[0]
+    tiles = adapter.tiles_per_image(inputs)[0]
+    index = torch.arange(tiles * side * side, dtype=torch.float32).view(tiles, side * side)
+    packed = adapter.image_scores(index, inputs)[0]
     origin = torch.full((visual.length, 2), -1, dtype=torch.long)
     valid = ~torch.isnan(packed)
     flat = packed[valid].round().long()
@@ -97,13 +98,10 @@ def render_panel(processor, adapter, inputs, visual, kept: torch.Tensor, title: 
         shaded.append((tile[: side * cell, : side * cell] * mask[..., None]).astype(np.uint8))
     size = shaded[0].shape[0]
     crops = shaded[1:]
-    columns = max(1, int(np.ceil(np.sqrt(len(crops))))) if crops else 0
-    if crops and hasattr(adapter, "tiles_per_image"):
-        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
-
+    rows, columns = 0, 0
+    if crops:
         rows, columns = get_anyres_image_grid_shape(inputs["image_sizes"][0].tolist(), adapter.config.image_grid_pinpoints,
                                                     adapter.config.vision_config.image_size)
-    rows = int(np.ceil(len(crops) / columns)) if crops else 0
     header = 14 * len(title) + 4
     text_width = max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(line)) for line in title) + 4
     width = max(size * (1 + columns) + (8 if crops else 0), text_width)

@@ -120,64 +120,32 @@ def tiny_config(family: str, tokenizer: PreTrainedTokenizerFast, image_size: int
     text = _text_config(family, vocab_size=len(tokenizer))
     vision = _vision_config(family, image_size, patch_size)
     pinpoints = [[image_size * a, image_size * b] for a in (1, 2) for b in (1, 2)]
+    common = dict(vision_config=vision, text_config=text, image_token_id=image_token_id)
+    clip = dict(vision_feature_layer=-2, vision_feature_select_strategy="default")
     if family == "llava":
-        return LlavaConfig(
-            vision_config=vision,
-            text_config=text,
-            image_token_id=image_token_id,
-            vision_feature_layer=-2,
-            vision_feature_select_strategy="default",
-        )
+        return LlavaConfig(**common, **clip)
     if family == "llava_next":
-        return LlavaNextConfig(
-            vision_config=vision,
-            text_config=text,
-            image_token_id=image_token_id,
-            image_grid_pinpoints=pinpoints,
-            vision_feature_layer=-2,
-            vision_feature_select_strategy="default",
-        )
-    return LlavaOnevisionConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=image_token_id,
-        video_token_id=video_token_id,
-        image_grid_pinpoints=pinpoints,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-        vision_aspect_ratio="anyres_max_9",
-    )
+        return LlavaNextConfig(**common, **clip, image_grid_pinpoints=pinpoints)
+    return LlavaOnevisionConfig(**common, video_token_id=video_token_id, image_grid_pinpoints=pinpoints,
+                                vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                vision_aspect_ratio="anyres_max_9")
 
 
 def tiny_processor(family: str, tokenizer: PreTrainedTokenizerFast, image_size: int = 32, patch_size: int = 8):
     """The processor matching ``tiny_config`` (same patch size, image size and grid pinpoints)."""
     square = {"height": image_size, "width": image_size}
     pinpoints = [[image_size * a, image_size * b] for a in (1, 2) for b in (1, 2)]
+    clip = dict(tokenizer=tokenizer, patch_size=patch_size, vision_feature_select_strategy="default",
+                num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
     if family == "llava":
-        image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size=square)
-        return LlavaProcessor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            patch_size=patch_size,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=CHAT_TEMPLATE,
-        )
+        return LlavaProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size=square),
+                              **clip)
     if family == "llava_next":
-        image_processor = LlavaNextImageProcessorPil(
-            size={"shortest_edge": image_size}, crop_size=square, image_grid_pinpoints=pinpoints
-        )
-        return LlavaNextProcessor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            patch_size=patch_size,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=CHAT_TEMPLATE,
-        )
-    image_processor = LlavaOnevisionImageProcessorPil(size=square, image_grid_pinpoints=pinpoints)
+        image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": image_size}, crop_size=square,
+                                                     image_grid_pinpoints=pinpoints)
+        return LlavaNextProcessor(image_processor=image_processor, **clip)
     return LlavaOnevisionProcessor(
-        image_processor=image_processor,
+        image_processor=LlavaOnevisionImageProcessorPil(size=square, image_grid_pinpoints=pinpoints),
         tokenizer=tokenizer,
         video_processor=LlavaOnevisionVideoProcessor(size=square),
         num_image_tokens=(image_size // patch_size) ** 2,

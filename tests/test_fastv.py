@@ -118,3 +118,16 @@ def test_fastv_k_out_of_range_is_refused(tiny_models):
 
     with pytest.raises(MethodError, match="fastv_k=4 must be below"):
         wrapper(tiny_models["llava"], method="fastv", retention=0.5, fastv_k=4)
+
+
+def test_eager_attention_gives_the_same_pruned_output_as_sdpa(tiny_models):
+    sdpa = wrapper(tiny_models["llava_next"], method="fastv", retention=0.3, batch_size=2)
+    eager = wrapper(tiny_models["llava_next"], method="fastv", retention=0.3, batch_size=2, attn_implementation="eager")
+    assert eager.generate_until(requests_for(eager, DOCS)) == sdpa.generate_until(requests_for(sdpa, DOCS))
+
+
+def test_anyres_policies_other_than_full_are_refused(tiny_models):
+    from lmms_eval_redundancy.registry import MethodError
+
+    with pytest.raises(MethodError, match="anyres=base_only applies to methods before the LLM"):
+        wrapper(tiny_models["llava_next"], method="fastv", retention=0.5, anyres="base_only")

@@ -72,11 +72,12 @@ METHOD_ARGS = {
 }
 
 
+@pytest.mark.parametrize("batch_size", [1, 2])
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", METHOD_ARGS)
-def test_every_method_runs_through_lmms_eval(tiny_models, tiny_codebook, local_data, tmp_path, family, method):
+def test_every_method_runs_through_lmms_eval(tiny_models, tiny_codebook, local_data, tmp_path, family, method, batch_size):
     args = METHOD_ARGS[method].format(codebook=tiny_codebook[0])
-    results, tokens, _ = run_lmms_eval(f"pretrained={tiny_models[family]},{args}", tmp_path)
+    results, tokens, _ = run_lmms_eval(f"pretrained={tiny_models[family]},{args}", tmp_path, batch_size=batch_size)
     assert set(results["results"]) >= set(DOCS)
     assert tokens["samples"] == REQUESTS and tokens["frames"] > 0
     assert 0 < tokens["visual_tokens_after"] < tokens["visual_tokens_before"]

@@ -63,6 +63,10 @@ class FamilyAdapter:
     def video_features(self, inputs) -> list[PackedVisual]:
         raise NotImplementedError(f"{self.family} has no native video input")
 
+    def tiles_per_image(self, inputs) -> list[int]:
+        """Vision tiles of each image in the batch (1 unless the family uses anyres crops)."""
+        return [1] * inputs["pixel_values"].shape[0]
+
     def image_scores(self, tile_scores: torch.Tensor, inputs) -> list[torch.Tensor]:
         """Per-patch scores of every vision tile, aligned to each image's packed sequence."""
         raise NotImplementedError
@@ -73,7 +77,7 @@ class FamilyAdapter:
     def attach_views(self, grouped: list[list[PackedVisual]], inputs) -> None:
         """Label each token of every anyres image with the view (base, crop 1, ...) it came from."""
         images = [v for sample in grouped for v in sample if v.kind == "image"]
-        if not images or not hasattr(self, "tiles_per_image"):
+        if not images:
             return
         tiles = self.tiles_per_image(inputs)
         side = self.config.vision_config.image_size // self.config.vision_config.patch_size

@@ -60,6 +60,29 @@ def _bench_overhead(args) -> None:
     run(text_layers=args.text_layers, vision_layers=args.vision_layers, keep_tokens=args.tokens, repeats=args.repeats)
 
 
+def _build_codebook(args) -> None:
+    import json
+    import os
+    from pathlib import Path
+
+    from lmms_eval_redundancy.codebook.builder import build_codebook, load_settings
+
+    settings = load_settings(args.settings, batch_size=args.batch_size, skip_article=args.skip_article or None,
+                             divergence=args.divergence)
+    path = build_codebook(args.pretrained, args.images, args.out, settings, limit=args.limit, device=args.device)
+    rank = os.environ.get("RANK", "0")
+    stats = json.loads((Path(args.out) / f"probe_stats_rank{rank}.json").read_text())
+    if stats["probed"]:
+        print(f"probe stage (rank {rank}): {stats['probed']} images in {stats['seconds']:.1f} s = "
+              f"{stats['probed'] / stats['seconds']:.2f} images/s, {stats['forward_passes'] / stats['probed']:.1f} "
+              f"batched forward passes per image (batch_size {settings.batch_size}); "
+              f"{stats['skipped_unreadable']} unreadable skipped")
+    if path:
+        report = json.loads((Path(args.out) / "report.json").read_text())
+        print(f"wrote {path}: {report['prototypes']} prototypes from {report['images']} images "
+              f"({report['unreadable']} unreadable); report in {Path(args.out) / 'report.json'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmms-eval-redundancy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="checkpoint the codebook belongs to (default: recognised from the folder name)")
     p.add_argument("--threshold", type=float, help="recommended threshold= budget (default: the released one)")
     p.set_defaults(func=_import_codebook)
+
+    p = sub.add_parser("build-codebook", help="build a redundancy codebook for a checkpoint from training images")
+    p.add_argument("pretrained", help="checkpoint folder or hub id")
+    p.add_argument("images", help="a folder of images, or a dataset saved with datasets' save_to_disk (column 'image')")
+    p.add_argument("out", help="output folder: codebook.safetensors, report.json, plots, probes/ (the resumable cache)")
+    p.add_argument("--settings", default="llava15", help="a YAML of build settings (may name a 'preset:') or a preset: "
+                   "llava15, llavanext, llavaov")
+    p.add_argument("--limit", type=int, help="use only the first N images")
+    p.add_argument("--batch-size", type=int, help="probes per forward pass")
+    p.add_argument("--divergence", choices=["jsd_topk", "jsd"], help="default: the settings' (jsd_topk, as officially)")
+    p.add_argument("--skip-article", action="store_true", help="skip a leading article before reading the first token")
+    p.add_argument("--device")
+    p.set_defaults(func=_build_codebook)
 
     p = sub.add_parser("make-tiny", help="build tiny random LLaVA-family checkpoints (offline, for tests and demos)")
     p.add_argument("out", help="folder; one sub-folder per family")

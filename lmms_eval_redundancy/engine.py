@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 
 from lmms_eval_redundancy.adapters import PackedVisual, family_of
+from lmms_eval_redundancy.efficiency import sync
 from lmms_eval_redundancy.pruning import ANYRES_POLICIES, UnitRecord, prune_sample
 from lmms_eval_redundancy.registry import MethodError, PruningMethod, Stage
 from lmms_eval_redundancy.sequence import SplicedBatch, splice
@@ -70,6 +72,7 @@ class PruningEngine:
         ``frames_as_images[b]`` counts the trailing images of sample ``b`` that are video frames (families
         without video input); they are recorded as frames.
         """
+        self.method.selection_seconds = 0.0
         if self.method.needs_vision_scores:
             with self.method.observing_vision() as captured:
                 visuals = self.adapter.encode(inputs, images_per_sample, videos_per_sample)
@@ -79,6 +82,7 @@ class PruningEngine:
         if self.anyres == "per_view":
             self.adapter.attach_views(visuals, inputs)
         kept, records = [], []
+        started = time.perf_counter()
         for sample_visuals, key in zip(visuals, keys):
             if self.method.stage is Stage.BEFORE_LLM:
                 features, sample_records = prune_sample(sample_visuals, self.method, key, self.anyres, self.log_keep_indices)
@@ -86,6 +90,9 @@ class PruningEngine:
                 features, sample_records = [v.features for v in sample_visuals], unit_records(sample_visuals)
             kept.append(features)
             records.append(sample_records)
+        if self.method.stage is Stage.BEFORE_LLM:
+            sync(self.model.device)
+            self.method.selection_seconds += time.perf_counter() - started
         for sample_records, n_images, n_frames in zip(records, images_per_sample, frames_as_images or []):
             for record in sample_records:
                 if record.visual >= n_images - n_frames:
@@ -96,7 +103,18 @@ class PruningEngine:
         if self.method.stage is Stage.INSIDE_LLM:
             batch.unit_ids = unit_map(batch.visual_mask, visuals)
             batch.prunable_mask = batch.unit_ids >= 0
+        batch.vision_tiles = self._tiles_per_sample(inputs, images_per_sample, videos_per_sample)
         return batch, records
+
+    def _tiles_per_sample(self, inputs, images_per_sample: list[int], videos_per_sample: list[int]) -> list[int]:
+        """Views through the vision tower per sample: anyres tiles of its images plus its video frames."""
+        image_tiles = self.adapter.tiles_per_image(inputs) if sum(images_per_sample) else []
+        frames = inputs["pixel_values_videos"].shape[1] if sum(videos_per_sample) else 0
+        tiles, start = [], 0
+        for n_images, n_videos in zip(images_per_sample, videos_per_sample):
+            tiles.append(sum(image_tiles[start:start + n_images]) + n_videos * frames)
+            start += n_images
+        return tiles
 
     def around_llm(self, batch: SplicedBatch, records: list[list[UnitRecord]]):
         """Context for the LLM call; methods acting inside the LLM hook in here."""

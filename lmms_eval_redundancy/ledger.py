@@ -55,7 +55,22 @@ def summarize(samples: list[dict]) -> dict:
         },
         "retained_per_sample_mean": statistics.fmean(per_sample_after) if per_sample_after else None,
         "floor_hits": sum(bool(u["floor_hit"]) for u in units),
+        "efficiency": summarize_efficiency(samples),
     }
+
+
+def summarize_efficiency(samples: list[dict]) -> dict:
+    """Per-sample means of the measured costs (peak memory: the maximum), split by request type."""
+    out = {}
+    for request in sorted({s["request"] for s in samples}):
+        rows = [s.get("efficiency", {}) for s in samples if s["request"] == request]
+        keys = sorted({k for row in rows for k in row} - {"batch_size"})
+        out[request] = {
+            f"{key}_per_sample" if key != "peak_memory_bytes" else key:
+            (max if key == "peak_memory_bytes" else statistics.fmean)([row[key] for row in rows if key in row])
+            for key in keys
+        }
+    return out
 
 
 class TokenLedger:
@@ -73,9 +88,10 @@ class TokenLedger:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             self._stream = open(self.log_dir / f"rank{rank}.jsonl", "a", encoding="utf-8")
 
-    def add(self, request: str, task: str, split: str, doc_id: int, records: list) -> None:
+    def add(self, request: str, task: str, split: str, doc_id: int, records: list, efficiency: dict | None = None) -> None:
         sample = {"request": request, "task": task, "split": split, "doc_id": doc_id,
-                  "units": [{k: v for k, v in dataclasses.asdict(r).items() if v is not None} for r in records]}
+                  "units": [{k: v for k, v in dataclasses.asdict(r).items() if v is not None} for r in records],
+                  "efficiency": efficiency or {}}
         self.samples.append(sample)
         if self._stream:
             self._stream.write(json.dumps(sample) + "\n")

@@ -15,10 +15,11 @@ from lmms_eval.api.model import lmms
 from loguru import logger
 from PIL import Image
 from tqdm import tqdm
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoConfig, AutoProcessor, LogitsProcessorList
 
 from lmms_eval_redundancy.adapters import family_of
 from lmms_eval_redundancy.budget import KEEP_ALL, parse_budget
+from lmms_eval_redundancy.efficiency import BatchMeter, cache_bytes, sample_flops
 from lmms_eval_redundancy.engine import PruningEngine
 from lmms_eval_redundancy.ledger import TokenLedger, results_dir_for
 from lmms_eval_redundancy.registry import MethodError, build_method, param_names
@@ -216,9 +217,19 @@ class LlavaRedundancy(lmms):
         batch, records = self.engine.prepare(inputs, n_images, n_videos, keys, n_frame_images)
         return prompts, batch, records
 
-    def _log_records(self, request: str, requests_args, records) -> None:
-        for (_, _, _, doc_id, task, split), sample_records in zip(requests_args, records):
-            self.ledger.add(request, task, split, doc_id, sample_records)
+    def _log_records(self, request: str, requests_args, batch, records, meter: BatchMeter, cache=None) -> None:
+        """Token records and per-sample efficiency (batch-level costs shared evenly by its samples)."""
+        size = len(requests_args)
+        shared = {key: value if key == "peak_memory_bytes" else value / size for key, value in meter.phases().items()}
+        shared["pruning_seconds"] = self.engine.method.selection_seconds / size
+        if cache is not None:
+            shared["kv_cache_bytes"] = cache_bytes(cache) / size
+        first_pruned = self.engine.method.first_pruned_layer
+        for row, ((_, _, _, doc_id, task, split), sample_records) in enumerate(zip(requests_args, records)):
+            dropped_inside = sum(r.before - r.after for r in sample_records) if first_pruned is not None else 0
+            flops = sample_flops(self._model.config, int(batch.attention_mask[row].sum()), dropped_inside,
+                                 first_pruned, batch.vision_tiles[row])
+            self.ledger.add(request, task, split, doc_id, sample_records, {**shared, **flops, "batch_size": size})
         self.ledger.flush()
 
     # ---- lmms-eval API ------------------------------------------------------------------------------
@@ -231,23 +242,26 @@ class LlavaRedundancy(lmms):
             gen_kwargs = dict(chunk[0][1])
             until = gen_kwargs.pop("until", None) or [self.tokenizer.eos_token]
             until = [until] if isinstance(until, str) else list(until)
-            _, batch, records = self._build(chunk)
             temperature = float(gen_kwargs.get("temperature", 0) or 0)
-            generate_kwargs = dict(
-                max_new_tokens=int(gen_kwargs.get("max_new_tokens", 1024)),
-                do_sample=temperature > 0,
-                temperature=temperature if temperature > 0 else None,
-                top_p=gen_kwargs.get("top_p") if temperature > 0 else None,
-                num_beams=int(gen_kwargs.get("num_beams", 1)),
-                pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.tokenizer.eos_token_id,
-                suppress_tokens=self.engine.adapter.placeholder_ids,
-            )
-            with torch.no_grad(), self.engine.around_llm(batch, records):
-                output = self._model.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-                                              **generate_kwargs)
-            self._log_records("generate_until", chunk, records)
-            for text in self.tokenizer.batch_decode(output, skip_special_tokens=True):
+            with BatchMeter(self._device) as meter:
+                _, batch, records = self._build(chunk)
+                with torch.no_grad(), self.engine.around_llm(batch, records):
+                    output = self._model.generate(
+                        inputs_embeds=batch.inputs_embeds,
+                        attention_mask=batch.attention_mask,
+                        max_new_tokens=int(gen_kwargs.get("max_new_tokens", 1024)),
+                        do_sample=temperature > 0,
+                        temperature=temperature if temperature > 0 else None,
+                        top_p=gen_kwargs.get("top_p") if temperature > 0 else None,
+                        num_beams=int(gen_kwargs.get("num_beams", 1)),
+                        pad_token_id=self.tokenizer.pad_token_id,
+                        eos_token_id=self.tokenizer.eos_token_id,
+                        suppress_tokens=self.engine.adapter.placeholder_ids,
+                        logits_processor=LogitsProcessorList([meter.clock]),
+                        return_dict_in_generate=True,
+                    )
+            self._log_records("generate_until", chunk, batch, records, meter, output.past_key_values)
+            for text in self.tokenizer.batch_decode(output.sequences, skip_special_tokens=True):
                 for stop in until:
                     if stop:
                         text = text.split(stop)[0]
@@ -267,10 +281,11 @@ class LlavaRedundancy(lmms):
                 target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
                 for _, target, _, doc_id, task, split in chunk
             ]
-            prompts, batch, records = self._build(chunk, continuations=continuations)
-            with torch.no_grad(), self.engine.around_llm(batch, records):
-                logits = self._model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).logits
-            self._log_records("loglikelihood", chunk, records)
+            with BatchMeter(self._device) as meter:
+                prompts, batch, records = self._build(chunk, continuations=continuations)
+                with torch.no_grad(), self.engine.around_llm(batch, records):
+                    logits = self._model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).logits
+            self._log_records("loglikelihood", chunk, batch, records, meter)
             for row, (prompt, cont) in enumerate(zip(prompts, continuations)):
                 n = len(self.tokenizer(prompt).input_ids) - len(self.tokenizer(prompt[: len(prompt) - len(cont)]).input_ids)
                 if n <= 0:

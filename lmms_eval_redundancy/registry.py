@@ -67,6 +67,8 @@ class PruningMethod:
     budgets: typing.ClassVar[tuple[str, ...]] = ("retention", "tokens")
     Params: typing.ClassVar[type] = NoParams
     needs_vision_scores: typing.ClassVar[bool] = False  # if True, implement ``observing_vision()``
+    first_pruned_layer: typing.ClassVar[int | None] = None  # inside-LLM methods: the first decoder layer with fewer tokens
+    selection_seconds: float = 0.0  # time spent choosing tokens in the current batch (hooks add theirs)
 
     def validate(self) -> None:
         """Check parameters against each other and the budget; raise ``MethodError`` when they clash."""

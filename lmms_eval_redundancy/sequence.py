@@ -19,6 +19,7 @@ class SplicedBatch:
     visual_mask: torch.Tensor  # bool [B, T], positions holding visual tokens
     unit_ids: torch.Tensor | None = None  # long [B, T], for inside-LLM methods: record index, -1 elsewhere
     prunable_mask: torch.Tensor | None = None  # bool [B, T], for inside-LLM methods: unit_ids >= 0
+    vision_tiles: list[int] | None = None  # views through the vision tower per sample
 
 
 def splice(input_ids, attention_mask, lengths, kept_features, placeholder_ids, pad_id, embed) -> SplicedBatch:

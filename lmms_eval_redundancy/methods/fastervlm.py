@@ -10,9 +10,11 @@ that layer's attention module instance; the rest of the model keeps its attentio
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 
+from lmms_eval_redundancy.efficiency import sync
 from lmms_eval_redundancy.registry import MethodError, PruningMethod, Selection, VisualUnit, register
 
 
@@ -66,8 +68,11 @@ class FasterVLM(PruningMethod):
 
     def _capture(self, module, args, kwargs):
         if self._captured is not None:
+            started = time.perf_counter()
             hidden_states = args[0] if args else kwargs["hidden_states"]
             self._captured.append(attention_scores(module, hidden_states, self.has_cls))
+            sync(hidden_states.device)
+            self.selection_seconds += time.perf_counter() - started
 
     @contextlib.contextmanager
     def observing_vision(self):

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
 
+from lmms_eval_redundancy.efficiency import sync
 from lmms_eval_redundancy.registry import MethodError, PruningMethod, Stage, register
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -90,6 +92,10 @@ class FastV(PruningMethod):
     class Params:
         fastv_k: int = 2
 
+    @property
+    def first_pruned_layer(self) -> int:
+        return self.params.fastv_k
+
     def validate(self) -> None:
         if self.params.fastv_k < 1:
             raise MethodError(f"fastv_k={self.params.fastv_k} is out of range; FastV prunes after layer K >= 1 (default 2)")
@@ -126,14 +132,22 @@ class FastV(PruningMethod):
         hidden_states = args[0] if args else kwargs["hidden_states"]
         if state is None or state.gather is not None or hidden_states.shape[1] != state.valid.shape[1]:
             return None
+        started = time.perf_counter()
+        try:
+            self._choose(module, hidden_states, kwargs, state)
+        finally:
+            sync(hidden_states.device)
+            self.selection_seconds += time.perf_counter() - started
+        return None
+
+    def _choose(self, module, hidden_states, kwargs, state: PrefillState) -> None:
         scores = last_token_attention(module, hidden_states, kwargs["position_embeddings"], state.valid)
         counts = [self.budget.keep_count(int(n)) for n in state.prunable.sum(dim=1)]
         kept = keep_positions(scores, state.prunable, counts)
         if all(k.numel() == state.valid.shape[1] for k in kept):
-            return None  # nothing to drop: leave the model untouched
+            return  # nothing to drop: leave the model untouched
         state.gather, is_kept = rectangular(kept, state.valid.shape[1])
         state.gathered_valid = is_kept & state.valid.gather(1, state.gather)
-        return None
 
     def _prune_layer_inputs(self, first_pruned_layer: bool):
         def hook(module, args, kwargs):

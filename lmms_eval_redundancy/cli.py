@@ -83,6 +83,36 @@ def _build_codebook(args) -> None:
               f"({report['unreadable']} unreadable); report in {Path(args.out) / 'report.json'}")
 
 
+def _sweep(args) -> None:
+    from pathlib import Path
+
+    from lmms_eval_redundancy.sweep import dry_run, load_sweep, run_sweep, slurm_script
+
+    sweep = load_sweep(args.spec)
+    if args.dry_run:
+        print(dry_run(sweep))
+        return
+    if args.slurm:
+        Path(args.slurm).write_text(slurm_script(sweep))
+        print(f"wrote {args.slurm}: a job array of {len(sweep.cells)} cells; submit it with sbatch")
+        return
+    counts = run_sweep(sweep, only=args.cell)
+    print(f"sweep: ran {counts['ran']} cells, {counts['already_done']} were already done")
+
+
+def _compare(args) -> None:
+    from pathlib import Path
+
+    from lmms_eval_redundancy.compare import compare, markdown
+
+    out = Path(args.out or Path(args.results) / "compare")
+    for model, table in compare(args.results, out).items():
+        print(f"## {model}\n")
+        print(markdown(table))
+        print()
+    print(f"tables (.md, .csv, .tex) and plots in {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmms-eval-redundancy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-article", action="store_true", help="skip a leading article before reading the first token")
     p.add_argument("--device")
     p.set_defaults(func=_build_codebook)
+
+    p = sub.add_parser("sweep", help="run methods x budgets x tasks (plus the unpruned reference), resumable")
+    p.add_argument("spec", help="the sweep YAML")
+    p.add_argument("--dry-run", action="store_true", help="list the cells, their status and commands; run nothing")
+    p.add_argument("--slurm", metavar="FILE", help="write a Slurm job-array script (one cell per task) instead of running")
+    p.add_argument("--cell", type=int, help="run only cell number N (what each Slurm array task does)")
+    p.set_defaults(func=_sweep)
+
+    p = sub.add_parser("compare", help="tables (markdown, CSV, LaTeX) and plots of llava_redundancy runs against unpruned")
+    p.add_argument("results", help="a sweep output folder or any folder holding llava_redundancy lmms-eval outputs")
+    p.add_argument("--out", help="where to write (default: RESULTS/compare)")
+    p.set_defaults(func=_compare)
 
     p = sub.add_parser("make-tiny", help="build tiny random LLaVA-family checkpoints (offline, for tests and demos)")
     p.add_argument("out", help="folder; one sub-folder per family")

@@ -108,3 +108,70 @@ def run(text_layers: int = 2, vision_layers: int = 24, keep_tokens: int = 64, te
           f"median of {repeats}, {torch.get_num_threads()} threads")
     print(tabulate(rows, headers="keys", tablefmt="github", floatfmt=".4f"))
     return rows
+
+
+def save_geometry_checkpoint(folder: Path, text_layers: int, vision_layers: int, dtype: torch.dtype) -> Path:
+    """A random LLaVA-1.5-7B-shaped checkpoint (real widths, given depths) with a processor, saved to ``folder``."""
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from lmms_eval_redundancy.tiny import CHAT_TEMPLATE, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = real_geometry_config("llava-1.5-7b", text_layers=text_layers, vision_layers=vision_layers,
+                                  intermediate_size=11008, vocab_size=len(tokenizer))
+    config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    torch.manual_seed(0)
+    model = MODEL_CLASSES["llava"](config).to(dtype).eval()
+    model.save_pretrained(folder)
+    processor = LlavaProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
+                               tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def run_speed(methods: list[str], tokens: int = 64, samples: int = 3, text_layers: int | None = None,
+              vision_layers: int | None = None) -> list[dict]:
+    """Prefill latency per method at ``tokens`` of 576 visual tokens, against unpruned, in one run.
+
+    Each method runs through the real ``llava_redundancy`` path on ``samples`` single-image requests
+    after one warm-up request; prefill time (vision tower, pruning, LLM prefill to the first token) and
+    analytic FLOPs come from the model's own per-sample efficiency records.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from lmms_eval_redundancy.model import LlavaRedundancy
+
+    gpu = torch.cuda.is_available()
+    text_layers = text_layers or (32 if gpu else 4)
+    vision_layers = vision_layers or (24 if gpu else 3)
+    dtype = torch.float16 if gpu else torch.float32
+    scratch = tempfile.TemporaryDirectory()
+    folder = save_geometry_checkpoint(Path(scratch.name) / "model", text_layers, vision_layers, dtype)
+    codebook = save_codebook(Codebook(torch.randn(454, 4096), {"model": "random"}), Path(scratch.name) / "codebook.safetensors")
+    rng = np.random.default_rng(0)
+    docs = {i: {"image": Image.fromarray(rng.integers(0, 256, (336, 336, 3), dtype=np.uint8))} for i in range(samples + 1)}
+    request = lambda i: type("Request", (), {"args": ("Describe the image.", {"max_new_tokens": 1}, lambda d: [d["image"]], i, "bench", "test")})()  # noqa: E731
+    rows = []
+    for spec in ["none"] + [m for m in methods if m != "none"]:
+        extra = {"codebook": str(codebook)} if spec == "codebook" else {}
+        budget = {} if spec == "none" else {"tokens": tokens}
+        wrapper = LlavaRedundancy(pretrained=str(folder), method=spec, dtype=str(dtype).removeprefix("torch."), **budget, **extra)
+        wrapper.task_dict = {"bench": {"test": docs}}
+        wrapper.generate_until([request(0)])  # warm-up
+        wrapper.generate_until([request(i) for i in range(1, samples + 1)])
+        measured = [s["efficiency"] for s in wrapper.ledger.samples[1:]]
+        kept = [sum(u["after"] for u in s["units"]) for s in wrapper.ledger.samples[1:]]
+        rows.append({"method": spec, "visual tokens": statistics.fmean(kept),
+                     "prefill ms": 1000 * statistics.median(m["prefill_seconds"] for m in measured),
+                     "flops": statistics.fmean(m["llm_prefill_flops"] + m["vision_flops"] for m in measured)})
+        del wrapper
+    for row in rows:
+        row["measured speed-up"] = rows[0]["prefill ms"] / row["prefill ms"]
+        row["FLOPs-predicted speed-up"] = rows[0]["flops"] / row["flops"]
+    print(f"LLaVA-1.5-7B widths, {vision_layers} vision layers, {text_layers} LLM layers, {'GPU ' + torch.cuda.get_device_name() if gpu else 'CPU'}"
+          f", {dtype}, keep {tokens} of 576 visual tokens, median prefill of {samples} requests after a warm-up")
+    print(tabulate([{k: v for k, v in r.items() if k != "flops"} for r in rows], headers="keys", tablefmt="github", floatfmt=".3f"))
+    return rows

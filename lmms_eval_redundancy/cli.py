@@ -113,6 +113,13 @@ def _compare(args) -> None:
     print(f"tables (.md, .csv, .tex) and plots in {out}")
 
 
+def _bench(args) -> None:
+    from lmms_eval_redundancy.bench import run_speed
+
+    run_speed(args.method or ["random", "codebook", "divprune", "pooling", "fastervlm", "fastv"], tokens=args.tokens,
+              samples=args.samples, text_layers=args.text_layers, vision_layers=args.vision_layers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmms-eval-redundancy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -174,6 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, default=4, help="enlarge the tiles by this factor")
     p.add_argument("--out", default="kept.png")
     p.set_defaults(func=_show_kept)
+
+    p = sub.add_parser("bench", help="prefill latency per method vs unpruned, measured and FLOPs-predicted, on LLaVA-1.5-7B widths")
+    p.add_argument("--method", action="append", help="methods to time (default: all); the unpruned reference always runs")
+    p.add_argument("--tokens", type=int, default=64, help="visual tokens kept of 576")
+    p.add_argument("--samples", type=int, default=3)
+    p.add_argument("--text-layers", type=int, help="LLM layers (default: 32 on GPU, 4 on CPU)")
+    p.add_argument("--vision-layers", type=int, help="vision layers (default: 24 on GPU, 3 on CPU)")
+    p.set_defaults(func=_bench)
 
     p = sub.add_parser("bench-overhead", help="each method's selection time against unpruned prefill (LLaVA-1.5 widths)")
     p.add_argument("--text-layers", type=int, default=2)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import torch
@@ -118,5 +117,4 @@ class PruningEngine:
 
     def around_llm(self, batch: SplicedBatch, records: list[list[UnitRecord]]):
         """Context for the LLM call; methods acting inside the LLM hook in here."""
-        hook = getattr(self.method, "around_llm", None)
-        return hook(batch, records, self.log_keep_indices) if hook else contextlib.nullcontext()
+        return self.method.around_llm(batch, records, self.log_keep_indices)

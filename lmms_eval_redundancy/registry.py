@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -75,6 +76,10 @@ class PruningMethod:
 
     def attach(self, model) -> None:
         """Bind to a loaded model (load data, check compatibility, install instance hooks)."""
+
+    def around_llm(self, batch, records, log_keep: bool = False):
+        """Context for one LLM call over ``batch``; inside-LLM methods arm their hooks here and fill ``records``."""
+        return contextlib.nullcontext()
 
     def select_unit(self, unit: VisualUnit) -> Selection:
         raise NotImplementedError

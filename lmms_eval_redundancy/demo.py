@@ -1,24 +1,20 @@
 """The embedded default: a tiny local LLaVA model, a codebook made from it, and the local tasks.
 
-``lmms-eval-redundancy demo`` runs ``python -m lmms_eval`` once per method on that model and prints
-the token summary of each run next to its scores. Everything is built locally; nothing is downloaded.
+``lmms-eval-redundancy demo`` sweeps every method over the local tasks on that model (one ``lmms_eval``
+run per cell) and prints the comparison table. Everything is built locally; nothing is downloaded.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
-from tabulate import tabulate
+import yaml
 
 from lmms_eval_redundancy.codebook.store import Codebook, save_codebook
 
 REPO = Path(__file__).resolve().parent.parent
-TASKS = "tiny_image,tiny_multi_image,tiny_video,tiny_image_choice"
+TASKS = "tiny_image,tiny_multi_image,tiny_video,tiny_image_choice"  # one sweep task entry
 
 
 @torch.no_grad()
@@ -46,9 +42,11 @@ def tiny_codebook(model_dir: str | Path, out: str | Path, rows: int = 6) -> tupl
     return save_codebook(Codebook(prototypes, meta), out), threshold
 
 
-def run(out_dir: str | Path = "results/demo", batch_size: int = 2) -> list[dict]:
-    """Build the embedded default if needed, evaluate each method on it, and return one row per run."""
+def run(out_dir: str | Path = "results/demo", batch_size: int = 2) -> dict:
+    """Build the embedded default if needed, sweep every method over the local tasks, print the comparison."""
+    from lmms_eval_redundancy.compare import compare, markdown
     from lmms_eval_redundancy.localdata import DATA_DIR, generate
+    from lmms_eval_redundancy.sweep import load_sweep, run_sweep
     from lmms_eval_redundancy.tiny import build_tiny_model
 
     out_dir = Path(out_dir).resolve()
@@ -58,33 +56,29 @@ def run(out_dir: str | Path = "results/demo", batch_size: int = 2) -> list[dict]
     codebook, threshold = tiny_codebook(model_dir, out_dir / "model" / "codebook.safetensors")
     if not (DATA_DIR / "tiny_video.parquet").is_file():
         generate()
-    runs = {
-        "none": "method=none",
-        "random r=0.25": "method=random,retention=0.25",
-        f"codebook t={threshold}": f"method=codebook,codebook={codebook},threshold={threshold}",
-        "codebook r=0.25": f"method=codebook,codebook={codebook},retention=0.25",
+    quarter = {"retention": [0.25]}
+    spec = {
+        "output": str(out_dir / "runs"),
+        "models": [{"pretrained": str(model_dir), "name": "tiny-llava"}],
+        "methods": [
+            {"method": "codebook", "codebook": str(codebook), "budgets": {"threshold": [threshold], **quarter}},
+            {"method": "random", "budgets": quarter},
+            {"method": "divprune", "budgets": quarter},
+            {"method": "fastervlm", "budgets": quarter},
+            {"method": "pooling", "budgets": quarter},
+            {"method": "fastv", "budgets": quarter},
+        ],
+        "tasks": [TASKS],
+        "include_path": str(REPO / "tasks" / "local"),
+        "lmms_eval": {"batch_size": batch_size},
     }
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    rows = []
-    for label, args in runs.items():
-        run_dir = out_dir / "runs" / label.replace(" ", "_").replace("=", "")
-        print(f"[demo] {label}: python -m lmms_eval ... -> {run_dir}", flush=True)
-        command = [sys.executable, "-m", "lmms_eval", "--model", "llava_redundancy",
-                   "--model_args", f"pretrained={model_dir},{args}", "--tasks", TASKS,
-                   "--include_path", str(REPO / "tasks" / "local"), "--output_path", str(run_dir),
-                   "--batch_size", str(batch_size)]
-        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"lmms_eval failed for {label}:\n{done.stderr[-4000:]}")
-        results_file = max(run_dir.glob("*/*_results.json"), key=lambda p: p.stat().st_mtime)
-        results = json.loads(results_file.read_text())["results"]
-        tokens = json.loads(results_file.with_name(results_file.name.replace("_results", "_tokens")).read_text())
-        row = {"run": label, "kept tokens": tokens["visual_tokens_after"], "of": tokens["visual_tokens_before"],
-               "retention": round(tokens["achieved_retention"], 3), "floor hits": tokens["floor_hits"]}
-        for task, metrics in sorted(results.items()):
-            score = next(v for k, v in metrics.items() if k.endswith(",none") and "stderr" not in k)
-            row[task] = round(score, 3)
-        rows.append(row)
-    print(tabulate(rows, headers="keys", tablefmt="github"))
+    spec_path = out_dir / "sweep.yaml"
+    spec_path.parent.mkdir(parents=True, exist_ok=True)
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    counts = run_sweep(load_sweep(spec_path), env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    tables = compare(out_dir / "runs", out_dir / "compare")
+    for table in tables.values():
+        print(markdown(table))
+    print(f"sweep: ran {counts['ran']} cells ({counts['already_done']} already done); tables and plots in {out_dir / 'compare'}")
     print("(random weights: the scores show the harness works, not model quality)")
-    return rows
+    return tables

@@ -23,9 +23,10 @@ def _make_tiny(args) -> None:
 
 
 def _make_local_data(args) -> None:
-    from lmms_eval_redundancy.localdata import generate
+    from lmms_eval_redundancy import localdata, shapes
 
-    print(generate(args.out) if args.out else generate())
+    print(localdata.generate())
+    print(shapes.generate(docs=args.shapes_docs))
 
 
 def _methods(args) -> None:
@@ -162,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_tiny)
 
-    p = sub.add_parser("make-local-data", help="generate the data of the local tiny tasks (tasks/local)")
-    p.add_argument("--out", help="output folder (default: tasks/local/data of this checkout)")
+    p = sub.add_parser("make-local-data", help="generate the data of the local tasks (tasks/local: tiny_*, shapes_*)")
+    p.add_argument("--shapes-docs", type=int, default=96, help="documents per shapes task (videos: half as many)")
     p.set_defaults(func=_make_local_data)
 
     p = sub.add_parser("demo", help="evaluate several methods on the embedded tiny model and local tasks (CPU, offline)")

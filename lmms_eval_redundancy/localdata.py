@@ -19,13 +19,14 @@ def colored_image(color: str, rng: np.random.Generator, size: tuple[int, int]) -
     return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
 
 
-def _png(image: Image.Image) -> dict:
+def png_cell(image: Image.Image) -> dict:
+    """An image as a parquet cell of datasets' Image feature."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return {"bytes": buffer.getvalue(), "path": None}
 
 
-def _write(rows: list[dict], features, path: Path) -> None:
+def write_parquet(rows: list[dict], features, path: Path) -> None:
     import datasets
 
     datasets.Dataset.from_list(rows, features=features).to_parquet(str(path))
@@ -51,19 +52,19 @@ def generate(out_dir: str | Path = DATA_DIR, docs: int = 8, seed: int = 0) -> Pa
     names = list(COLORS)
     sizes = [(32, 32), (48, 32), (32, 56), (64, 64)]
 
-    single = [{"id": i, "image": _png(colored_image(names[i % 4], rng, sizes[i % 4])), "answer": names[i % 4],
+    single = [{"id": i, "image": png_cell(colored_image(names[i % 4], rng, sizes[i % 4])), "answer": names[i % 4],
                "question": "what color is this image ?"} for i in range(docs)]
-    _write(single, datasets.Features({"id": datasets.Value("int32"), "image": datasets.Image(),
+    write_parquet(single, datasets.Features({"id": datasets.Value("int32"), "image": datasets.Image(),
                                       "answer": datasets.Value("string"), "question": datasets.Value("string")}),
            out_dir / "tiny_image.parquet")
 
     pairs = []
     for i in range(docs):
         first, second = names[i % 4], names[(i + 1 + i // 4) % 4]
-        pairs.append({"id": i, "image_1": _png(colored_image(first, rng, sizes[i % 4])),
-                      "image_2": _png(colored_image(second, rng, sizes[(i + 1) % 4])),
+        pairs.append({"id": i, "image_1": png_cell(colored_image(first, rng, sizes[i % 4])),
+                      "image_2": png_cell(colored_image(second, rng, sizes[(i + 1) % 4])),
                       "question": f"which image is {first} ? first or second", "answer": "first"})
-    _write(pairs, datasets.Features({"id": datasets.Value("int32"), "image_1": datasets.Image(),
+    write_parquet(pairs, datasets.Features({"id": datasets.Value("int32"), "image_1": datasets.Image(),
                                      "image_2": datasets.Image(), "question": datasets.Value("string"),
                                      "answer": datasets.Value("string")}), out_dir / "tiny_multi_image.parquet")
 
@@ -73,7 +74,7 @@ def generate(out_dir: str | Path = DATA_DIR, docs: int = 8, seed: int = 0) -> Pa
         frames = [colored_image(c, rng, (64, 64)) for c in order for _ in range(3)]
         name = f"clip{i}.mp4"
         write_video(frames, out_dir / "videos" / name)
-        clips.append({"id": i, "video": name, "question": "what color appeared first ?", "answer": order[0]})
-    _write(clips, datasets.Features({k: datasets.Value("int32" if k == "id" else "string") for k in clips[0]}),
+        clips.append({"id": i, "video": f"videos/{name}", "question": "what color appeared first ?", "answer": order[0]})
+    write_parquet(clips, datasets.Features({k: datasets.Value("int32" if k == "id" else "string") for k in clips[0]}),
            out_dir / "tiny_video.parquet")
     return out_dir

@@ -41,7 +41,7 @@ WORDS = (
     "does this image video show shows color colour shape object objects left right top bottom middle "
     "red green blue yellow white black orange purple gray circle square triangle star cross "
     "yes no zero one two three four five six seven eight nine ten first second third "
-    "answer with word single letter number describe appeared moved up down order"
+    "answer with word single letter number describe appeared moved up down order more"
 ).split()
 
 CHAT_TEMPLATE = (

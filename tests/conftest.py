@@ -28,11 +28,11 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def local_data() -> Path:
     """The local tasks' data under tasks/local/data (generated once, deterministic)."""
-    from lmms_eval_redundancy.localdata import DATA_DIR, generate
+    from lmms_eval_redundancy import localdata, shapes
 
-    if not (DATA_DIR / "tiny_video.parquet").is_file():
-        generate()
-    return DATA_DIR
+    localdata.generate()
+    shapes.generate()
+    return localdata.DATA_DIR
 
 
 def image(width: int, height: int, seed: int = 0) -> Image.Image:

@@ -1,8 +1,8 @@
-"""Prompt, visual and scoring functions of the local tiny tasks (data: ``lmms-eval-redundancy make-local-data``)."""
+"""Prompt, visual and scoring functions of the local tasks (data: ``lmms-eval-redundancy make-local-data``)."""
 
 from pathlib import Path
 
-VIDEO_DIR = Path(__file__).resolve().parent / "data" / "videos"
+DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
 def doc_to_text(doc, lmms_eval_specific_kwargs=None):
@@ -18,7 +18,7 @@ def pair_visual(doc):
 
 
 def video_visual(doc):
-    return [str(VIDEO_DIR / doc["video"])]
+    return [str(DATA_DIR / doc["video"])]
 
 
 def exact_match(doc, results):

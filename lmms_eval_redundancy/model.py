@@ -12,7 +12,6 @@ from accelerate import Accelerator
 from lmms_eval import utils
 from lmms_eval.api.instance import GenerationResult
 from lmms_eval.api.model import lmms
-from loguru import logger
 from PIL import Image
 from tqdm import tqdm
 from transformers import AutoConfig, AutoProcessor, LogitsProcessorList

@@ -29,6 +29,16 @@ def _make_local_data(args) -> None:
     print(shapes.generate(docs=args.shapes_docs))
 
 
+def _train_shapes(args) -> None:
+    from dataclasses import fields
+
+    from lmms_eval_redundancy.shapes_model import BUILTIN, TrainSettings, train
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainSettings) if getattr(args, f.name, None) is not None}
+    record = train(args.out or BUILTIN["shapes"], TrainSettings(**overrides))
+    print(f"held-out answer accuracy {record['held_out_accuracy'][-1]['accuracy']} after {record['seconds']} s")
+
+
 def _methods(args) -> None:
     from lmms_eval_redundancy.registry import available_methods, method_class, param_names
 
@@ -167,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes-docs", type=int, default=96, help="documents per shapes task (videos: half as many)")
     p.set_defaults(func=_make_local_data)
 
-    p = sub.add_parser("demo", help="evaluate several methods on the embedded tiny model and local tasks (CPU, offline)")
-    p.add_argument("--out", default="results/demo", help="folder for the model, codebook and lmms-eval outputs")
+    p = sub.add_parser("demo", help="the main job: every method at several budgets on the built-in shapes model and benchmark, compared (CPU, offline)")
+    p.add_argument("--out", default="results", help="folder for the sweep (runs/) and the comparison (compare/)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("show-kept", help="draw the tokens each method keeps over an image, side by side, into a PNG")
@@ -197,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=64, help="visual tokens kept of 576")
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(func=_bench_overhead)
+
+    p = sub.add_parser("train-shapes", help="train the built-in shapes model (builtin:shapes) from scratch, seeded")
+    p.add_argument("--out", help="output folder (default: the package's builtin/shapes, what builtin:shapes loads)")
+    for name in ("seed", "data_seed", "docs", "steps", "batch_size", "eval_every"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int)
+    p.add_argument("--lr", type=float)
+    p.set_defaults(func=_train_shapes)
 
     p = sub.add_parser("methods", help="list the pruning methods with their stage, budgets and parameters")
     p.set_defaults(func=_methods)

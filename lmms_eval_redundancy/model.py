@@ -22,6 +22,7 @@ from lmms_eval_redundancy.efficiency import BatchMeter, cache_bytes, sample_flop
 from lmms_eval_redundancy.engine import PruningEngine
 from lmms_eval_redundancy.ledger import TokenLedger, results_dir_for
 from lmms_eval_redundancy.registry import MethodError, build_method, param_names
+from lmms_eval_redundancy.shapes_model import resolve_pretrained
 
 # Used only when neither the checkpoint's processor nor its tokenizer carries a chat template.
 VICUNA_TEMPLATE = (
@@ -40,6 +41,20 @@ def load_video_frames(path: str, num_frames: int) -> np.ndarray:
     reader = VideoReader(path, ctx=cpu(0))
     index = np.linspace(0, len(reader) - 1, min(num_frames, len(reader)), dtype=int)
     return reader.get_batch(index.tolist()).asnumpy()
+
+
+def chat_prompt(processor, chat_template: str, context: str, n_images: int, n_videos: int,
+                continuation: str | None = None) -> str:
+    """One user turn (the visuals first, unless the context places them) and the assistant's cue."""
+    image_token = getattr(processor, "image_token", "<image>")
+    video_token = getattr(processor, "video_token", "<video>")
+    parts = []
+    if image_token not in context and video_token not in context:
+        parts = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos
+    messages = [{"role": "user", "content": parts + [{"type": "text", "text": context}]}]
+    prompt = processor.apply_chat_template(messages, chat_template=chat_template, add_generation_prompt=True,
+                                           tokenize=False)
+    return prompt if continuation is None else prompt + continuation
 
 
 def scored_continuation(logprob: float, is_greedy: bool) -> GenerationResult:
@@ -103,6 +118,7 @@ class LlavaRedundancy(lmms):
         budget = parse_budget(retention, tokens, threshold) or KEEP_ALL
         pruning = build_method(str(method), budget, **method_params)
 
+        name, pretrained = pretrained, resolve_pretrained(pretrained)
         config = AutoConfig.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
         model_class, _ = family_of(config.model_type)
         self.accelerator = Accelerator()
@@ -133,8 +149,8 @@ class LlavaRedundancy(lmms):
         self.max_frames_num = int(max_frames_num)
         self.pretrained = pretrained
         self.engine = PruningEngine(self._model, self.processor, pruning, anyres, bool(log_keep_indices))
-        self.ledger = TokenLedger(self._rank, self._world_size, results_dir_for(pretrained, output_dir),
-                                  {**self.engine.settings(), "pretrained": pretrained})
+        self.ledger = TokenLedger(self._rank, self._world_size, results_dir_for(name, output_dir),
+                                  {**self.engine.settings(), "pretrained": name})
         atexit.register(self.ledger.finish)
 
     @staticmethod
@@ -177,16 +193,9 @@ class LlavaRedundancy(lmms):
             raise TypeError(f"{task} doc {doc_id}: visuals must be PIL images or video paths, got {kinds}")
         return images, videos
 
+
     def _prompt(self, context: str, n_images: int, n_videos: int, continuation: str | None = None) -> str:
-        image_token = getattr(self.processor, "image_token", "<image>")
-        video_token = getattr(self.processor, "video_token", "<video>")
-        parts = []
-        if image_token not in context and video_token not in context:
-            parts = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos
-        messages = [{"role": "user", "content": parts + [{"type": "text", "text": context}]}]
-        prompt = self.processor.apply_chat_template(messages, chat_template=self.chat_template,
-                                                    add_generation_prompt=True, tokenize=False)
-        return prompt if continuation is None else prompt + continuation
+        return chat_prompt(self.processor, self.chat_template, context, n_images, n_videos, continuation)
 
     def _build(self, requests_args: list[tuple], texts: list[str] | None = None, continuations=None):
         """Processor inputs and pruned LLM inputs for a batch of (context, _, doc_to_visual, doc_id, task, split)."""

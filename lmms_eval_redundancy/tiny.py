@@ -97,7 +97,7 @@ def _text_config(family: str, vocab_size: int, hidden: int = 64, layers: int = 4
     return Qwen2Config(**common) if family == "llava_onevision" else LlamaConfig(**common)
 
 
-def _vision_config(family: str, image_size: int, patch_size: int, hidden: int = 32, layers: int = 2):
+def _vision_config(tower: str, image_size: int, patch_size: int, hidden: int = 32, layers: int = 2):
     common = dict(
         hidden_size=hidden,
         intermediate_size=hidden * 2,
@@ -106,33 +106,47 @@ def _vision_config(family: str, image_size: int, patch_size: int, hidden: int = 
         image_size=image_size,
         patch_size=patch_size,
     )
-    if family == "llava_onevision":
+    if tower == "siglip":
         return SiglipVisionConfig(**common)
     return CLIPVisionConfig(projection_dim=hidden, **common)
 
 
-def tiny_config(family: str, tokenizer: PreTrainedTokenizerFast, image_size: int = 32, patch_size: int = 8):
-    """Config of a tiny random model of ``family`` that agrees with ``build_tokenizer``."""
+def default_tower(family: str) -> str:
+    """The vision tower kind of the real checkpoints: SigLIP for OneVision, CLIP otherwise."""
+    return "siglip" if family == "llava_onevision" else "clip"
+
+
+def tiny_config(family: str, tokenizer: PreTrainedTokenizerFast, image_size: int = 32, patch_size: int = 8,
+                tower: str | None = None, vision: dict | None = None, text: dict | None = None):
+    """Config of a tiny random model of ``family`` that agrees with ``build_tokenizer``.
+
+    ``tower`` is ``clip`` (a [CLS] token, dropped before the LLM) or ``siglip`` (none); ``vision`` and
+    ``text`` override the widths and depths (``hidden``, ``layers``) of the two towers.
+    """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+    tower = tower or default_tower(family)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     video_token_id = tokenizer.convert_tokens_to_ids("<video>")
-    text = _text_config(family, vocab_size=len(tokenizer))
-    vision = _vision_config(family, image_size, patch_size)
+    text_config = _text_config(family, vocab_size=len(tokenizer), **(text or {}))
+    vision_config = _vision_config(tower, image_size, patch_size, **(vision or {}))
     pinpoints = [[image_size * a, image_size * b] for a in (1, 2) for b in (1, 2)]
-    common = dict(vision_config=vision, text_config=text, image_token_id=image_token_id)
+    common = dict(vision_config=vision_config, text_config=text_config, image_token_id=image_token_id)
     clip = dict(vision_feature_layer=-2, vision_feature_select_strategy="default")
     if family == "llava":
         return LlavaConfig(**common, **clip)
     if family == "llava_next":
         return LlavaNextConfig(**common, **clip, image_grid_pinpoints=pinpoints)
     return LlavaOnevisionConfig(**common, video_token_id=video_token_id, image_grid_pinpoints=pinpoints,
-                                vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                vision_feature_layer=-1,
+                                vision_feature_select_strategy="default" if tower == "clip" else "full",
                                 vision_aspect_ratio="anyres_max_9")
 
 
-def tiny_processor(family: str, tokenizer: PreTrainedTokenizerFast, image_size: int = 32, patch_size: int = 8):
-    """The processor matching ``tiny_config`` (same patch size, image size and grid pinpoints)."""
+def tiny_processor(family: str, tokenizer: PreTrainedTokenizerFast, image_size: int = 32, patch_size: int = 8,
+                   tower: str | None = None):
+    """The processor matching ``tiny_config`` (same patch size, image size, grid pinpoints and tower)."""
+    has_cls = (tower or default_tower(family)) == "clip"
     square = {"height": image_size, "width": image_size}
     pinpoints = [[image_size * a, image_size * b] for a in (1, 2) for b in (1, 2)]
     clip = dict(tokenizer=tokenizer, patch_size=patch_size, vision_feature_select_strategy="default",
@@ -148,8 +162,8 @@ def tiny_processor(family: str, tokenizer: PreTrainedTokenizerFast, image_size: 
         image_processor=LlavaOnevisionImageProcessorPil(size=square, image_grid_pinpoints=pinpoints),
         tokenizer=tokenizer,
         video_processor=LlavaOnevisionVideoProcessor(size=square),
-        num_image_tokens=(image_size // patch_size) ** 2,
-        vision_feature_select_strategy="full",
+        num_image_tokens=(image_size // patch_size) ** 2 + has_cls,
+        vision_feature_select_strategy="default" if has_cls else "full",
         chat_template=CHAT_TEMPLATE,
     )
 
@@ -211,3 +225,29 @@ def real_geometry_config(name: str, text_layers: int = 1, vision_layers: int = 2
                                 video_token_id=151647, image_grid_pinpoints=ONEVISION_PINPOINTS,
                                 vision_feature_layer=-1, vision_feature_select_strategy="full",
                                 vision_aspect_ratio="anyres_max_9")
+
+
+@torch.no_grad()
+def tiny_codebook(model_dir: str | Path, out: str | Path, rows: int = 6) -> tuple[Path, float]:
+    """A codebook for a tiny LLaVA checkpoint: ``rows`` of its projected tokens of one noise image,
+    and a threshold (median score of another image's tokens) that keeps about half of them."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from lmms_eval_redundancy.codebook.store import Codebook, save_codebook
+    from lmms_eval_redundancy.methods.codebook import redundancy_scores
+
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)) for _ in range(2)]
+    pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    features = model.model.get_image_features(
+        pixel_values=pixels, vision_feature_layer=model.config.vision_feature_layer,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+    ).pooler_output
+    prototypes = features[0][:rows].clone()
+    threshold = round(float(redundancy_scores(features[1], prototypes).median()), 4)
+    meta = {"model": str(model_dir), "source": "tiny: projected tokens of a noise image", "threshold": str(threshold)}
+    return save_codebook(Codebook(prototypes, meta), out), threshold

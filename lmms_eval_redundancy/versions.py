@@ -32,3 +32,8 @@ def check_versions() -> None:
                 f"{package} {found} is not supported; lmms-eval-redundancy was verified with {package}{spec}. "
                 f"Install a supported version with: pip install '{package}{spec}'"
             )
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries that decide numerical results (for run records)."""
+    return {package: version(package) for package in ("torch", "transformers", "lmms-eval")}

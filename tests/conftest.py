@@ -65,6 +65,6 @@ def fake_model_config(hidden_size: int) -> SimpleNamespace:
 @pytest.fixture(scope="session")
 def tiny_codebook(tiny_models, tmp_path_factory) -> tuple[Path, float]:
     """A codebook for the tiny LLaVA model and a threshold that keeps part, not all, of its tokens."""
-    from lmms_eval_redundancy.demo import tiny_codebook as build
+    from lmms_eval_redundancy.tiny import tiny_codebook as build
 
     return build(tiny_models["llava"], tmp_path_factory.mktemp("codebook") / "tiny.safetensors")

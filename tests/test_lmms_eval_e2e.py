@@ -17,10 +17,11 @@ DOCS = {"tiny_image": 8, "tiny_multi_image": 8, "tiny_video": 4, "tiny_image_cho
 REQUESTS = 8 + 8 + 4 + 8 * 4  # multiple choice sends one loglikelihood request per choice
 
 
-def run_lmms_eval(model_args: str, out: Path, *, processes: int = 1, batch_size: int = 2, tasks: str = TASKS):
+def run_lmms_eval(model_args: str, out: Path, *, processes: int = 1, batch_size: int = 2, tasks: str = TASKS,
+                  limit: int | None = None):
     command = ["-m", "lmms_eval", "--model", "llava_redundancy", "--model_args", model_args, "--tasks", tasks,
                "--include_path", "tasks/local", "--output_path", str(out), "--batch_size", str(batch_size),
-               "--log_samples"]
+               "--log_samples"] + (["--limit", str(limit)] if limit else [])
     if processes > 1:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

@@ -189,7 +189,9 @@ def _load_model(pretrained: str, device: str | None):
     from transformers import AutoConfig, AutoProcessor
 
     from lmms_eval_redundancy.adapters import family_of
+    from lmms_eval_redundancy.shapes_model import resolve_pretrained
 
+    pretrained = resolve_pretrained(pretrained)
     config = AutoConfig.from_pretrained(pretrained)
     model_class, _ = family_of(config.model_type)
     model = model_class.from_pretrained(pretrained, dtype="auto").eval()

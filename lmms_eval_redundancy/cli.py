@@ -213,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("seed", "data_seed", "docs", "steps", "batch_size", "eval_every"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--init-from", help="continue training a saved shapes model (its record is kept)")
     p.set_defaults(func=_train_shapes)
 
     p = sub.add_parser("methods", help="list the pruning methods with their stage, budgets and parameters")

@@ -65,6 +65,8 @@ class TrainSettings:
     eval_docs: int = 96
     eval_every: int = 300
     threads: int = 2
+    task_weights: tuple[int, ...] = (1, 1, 1)  # steps per cycle given to each of TASKS, in order
+    init_from: str | None = None  # continue from a saved model (its record is kept as "previous")
 
 
 def build_untrained(settings: TrainSettings):
@@ -216,6 +218,12 @@ def train(out_dir: str | Path, settings: TrainSettings | None = None, progress: 
     torch.set_num_threads(settings.threads)
     started = time.time()
     model, processor = build_untrained(settings)
+    previous = None
+    if settings.init_from:
+        from transformers import LlavaOnevisionForConditionalGeneration
+
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(settings.init_from)
+        previous = json.loads((Path(settings.init_from) / "training_record.json").read_text())
     with tempfile.TemporaryDirectory() as scratch:
         train_dir = shapes.generate(Path(scratch) / "train" / "shapes", docs=settings.docs, size=settings.image_size,
                                     seed=settings.data_seed)
@@ -241,11 +249,12 @@ def train(out_dir: str | Path, settings: TrainSettings | None = None, progress: 
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     rng = np.random.default_rng(settings.seed)
+    schedule = [task for task, weight in zip(TASKS, settings.task_weights) for _ in range(weight)]
     log, evals = [], []
     model.train()
     bar = tqdm(range(settings.steps), desc="train shapes model", disable=not progress)
     for step in bar:
-        task = TASKS[step % len(TASKS)]
+        task = schedule[step % len(schedule)]
         docs = train_docs[task]
         batch = [docs[i] for i in rng.choice(len(docs), size=settings.batch_size, replace=False)]
         inputs = encode(processor, batch, with_answer=True)
@@ -280,6 +289,7 @@ def train(out_dir: str | Path, settings: TrainSettings | None = None, progress: 
         "held_out_accuracy": evals,
         "loss_every_50_steps": log[::50] + log[-1:],
         "seconds": round(time.time() - started, 1),
+        "previous": previous,
         "machine": {"platform": platform.platform(), "threads": settings.threads},
         "versions": library_versions(),
     }

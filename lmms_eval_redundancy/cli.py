@@ -35,8 +35,17 @@ def _train_shapes(args) -> None:
     from lmms_eval_redundancy.shapes_model import BUILTIN, TrainSettings, train
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainSettings) if getattr(args, f.name, None) is not None}
+    if "task_weights" in overrides:
+        overrides["task_weights"] = tuple(overrides["task_weights"])
     record = train(args.out or BUILTIN["shapes"], TrainSettings(**overrides))
     print(f"held-out answer accuracy {record['held_out_accuracy'][-1]['accuracy']} after {record['seconds']} s")
+
+
+def _build_shapes_codebook(args) -> None:
+    from lmms_eval_redundancy.demo import CODEBOOK
+    from lmms_eval_redundancy.shapes_model import build_shapes_codebook
+
+    print(build_shapes_codebook(args.out or CODEBOOK.parent, images=args.images))
 
 
 def _methods(args) -> None:
@@ -213,8 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("seed", "data_seed", "docs", "steps", "batch_size", "eval_every"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--task-weights", type=int, nargs=3, help="steps per cycle for shapes_image, shapes_multi_image, shapes_video")
     p.add_argument("--init-from", help="continue training a saved shapes model (its record is kept)")
     p.set_defaults(func=_train_shapes)
+
+    p = sub.add_parser("build-shapes-codebook", help="build the codebook of builtin:shapes from generated training scenes")
+    p.add_argument("--out", help="output folder (default: codebooks/shapes, what the main job uses)")
+    p.add_argument("--images", type=int, default=256, help="training scenes to build from")
+    p.set_defaults(func=_build_shapes_codebook)
 
     p = sub.add_parser("methods", help="list the pruning methods with their stage, budgets and parameters")
     p.set_defaults(func=_methods)

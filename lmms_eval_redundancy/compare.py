@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -109,7 +110,8 @@ def write_outputs(tables: dict[str, pd.DataFrame], frame: pd.DataFrame, out: str
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for model, table in tables.items():
-        base = out / model
+        stem = re.sub(r"[^\w.-]+", "_", model)  # e.g. builtin:shapes -> builtin_shapes
+        base = out / stem
         base.with_suffix(".md").write_text(markdown(table) + "\n")
         table.to_csv(base.with_suffix(".csv"), index=False)
         base.with_suffix(".tex").write_text(table.to_latex(index=False, float_format="%.4g", na_rep="—"))
@@ -128,7 +130,7 @@ def write_outputs(tables: dict[str, pd.DataFrame], frame: pd.DataFrame, out: str
             ax.set_title(model)
             ax.legend()
             fig.tight_layout()
-            path = out / f"{model}_{name}.png"
+            path = out / f"{stem}_{name}.png"
             fig.savefig(path, dpi=120)
             plt.close(fig)
             written.append(path)

@@ -30,7 +30,8 @@ def sweep_spec(out_dir: Path, batch_size: int) -> dict:
         "models": [{"pretrained": "builtin:shapes", "name": "shapes"}],
         "methods": [
             {"method": "codebook", "codebook": str(CODEBOOK), "budgets": {"threshold": thresholds, **budgets}},
-            *({"method": method, "budgets": budgets} for method in ("fastv", "fastervlm", "divprune", "pooling", "random")),
+            *({"method": method, "budgets": budgets} for method in ("fastv", "fastervlm", "divprune", "random")),
+            {"method": "pooling", "anyres": "base_only", "budgets": budgets},  # pooling needs one token grid
         ],
         "tasks": [TASKS],
         "include_path": str(REPO / "tasks" / "local"),

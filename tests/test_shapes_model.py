@@ -23,8 +23,11 @@ def test_builtin_names_resolve_and_unknown_ones_are_refused():
 
 def test_committed_model_has_its_training_record():
     record = json.loads((BUILTIN["shapes"] / "training_record.json").read_text())
-    assert record["settings"] == json.loads(json.dumps(TrainSettings().__dict__))
+    stage_one = json.loads(json.dumps(TrainSettings().__dict__))
+    assert record["previous"]["settings"] == stage_one  # stage 1: train-shapes with the defaults
+    assert record["settings"]["init_from"] and record["settings"]["task_weights"] == [1, 2, 1]
     assert all(record["held_out_accuracy"][-1]["accuracy"][task] >= 0.85 for task in TASKS)
+    assert record["parameters"] < 2_000_000
 
 
 def test_committed_model_is_accurate_unpruned_and_loses_accuracy_at_5_percent(local_data, tmp_path):

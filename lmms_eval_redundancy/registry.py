@@ -102,6 +102,8 @@ def register(cls: type[PruningMethod]) -> type[PruningMethod]:
 
 
 def available_methods() -> list[str]:
+    import lmms_eval_redundancy.methods  # noqa: F401  (registers the built-in methods)
+
     return sorted(_METHODS)
 
 

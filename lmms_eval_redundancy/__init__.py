@@ -1,6 +1,6 @@
 """Visual-token pruning for LLaVA-family models under lmms-eval."""
 
-from lmms_eval_redundancy.versions import check_versions
+from lmms_eval_redundancy.core.versions import check_versions
 
 __version__ = "0.1.0"
 

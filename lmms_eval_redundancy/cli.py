@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lmms_eval_redundancy.families import FAMILIES
+
 
 def _import_codebook(args) -> None:
     from lmms_eval_redundancy.codebook.store import import_release, load_codebook
@@ -16,49 +18,64 @@ def _import_codebook(args) -> None:
 
 
 def _make_tiny(args) -> None:
-    from lmms_eval_redundancy.tiny import FAMILIES, build_tiny_model
+    from lmms_eval_redundancy.testing.tiny import build_tiny_model
 
     for family in args.family or FAMILIES:
         print(build_tiny_model(family, f"{args.out}/{family}", seed=args.seed))
 
 
 def _make_local_data(args) -> None:
-    from lmms_eval_redundancy import localdata, shapes
+    from lmms_eval_redundancy.embedded.tasks import write_local_tasks
 
-    print(localdata.generate())
-    print(shapes.generate(docs=args.shapes_docs))
+    folder = write_local_tasks(args.out, shapes_docs=args.shapes_docs)
+    print(f"local tasks and their data in {folder}; run them with --include_path {folder}")
+
+
+def _tasks_path(args) -> None:
+    from importlib import resources
+
+    print(resources.files("lmms_eval_redundancy") / "tasks" / "paper")
 
 
 def _train_shapes(args) -> None:
     from dataclasses import fields
 
-    from lmms_eval_redundancy.shapes_model import BUILTIN, TrainSettings, train
+    from lmms_eval_redundancy.embedded.training import TrainSettings, train
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainSettings) if getattr(args, f.name, None) is not None}
     if "task_weights" in overrides:
         overrides["task_weights"] = tuple(overrides["task_weights"])
-    record = train(args.out or BUILTIN["shapes"], TrainSettings(**overrides))
-    print(f"held-out answer accuracy {record['held_out_accuracy'][-1]['accuracy']} after {record['seconds']} s")
+    record = train(args.out, TrainSettings(**overrides))
+    print(f"held-out answer accuracy {record['held_out_accuracy'][-1]['accuracy']} after {record['seconds']} s; "
+          f"model in {args.out} (load it with pretrained={args.out})")
 
 
 def _build_shapes_codebook(args) -> None:
-    from lmms_eval_redundancy.demo import CODEBOOK
-    from lmms_eval_redundancy.shapes_model import build_shapes_codebook
+    from lmms_eval_redundancy.embedded.shapes_codebook import build_shapes_codebook
 
-    print(build_shapes_codebook(args.out or CODEBOOK.parent, images=args.images))
+    print(build_shapes_codebook(args.out, images=args.images, pretrained=args.pretrained))
 
 
 def _methods(args) -> None:
-    from lmms_eval_redundancy.registry import available_methods, method_class, param_names
+    import typing
+
+    from lmms_eval_redundancy.methods import (
+        available_methods,
+        method_class,
+        param_fields,
+    )
 
     for name in available_methods():
         cls = method_class(name)
+        hints = typing.get_type_hints(cls.Params)
+        params = ", ".join(f"{f.name}: {getattr(hints[f.name], '__name__', hints[f.name])} = {f.default!r}"
+                           for f in param_fields(name)) or "-"
         budgets = ", ".join(f"{b}=" for b in cls.budgets) or "none"
-        print(f"{name:10s} stage={cls.stage.value:11s} budgets: {budgets:30s} params: {', '.join(param_names(name)) or '-'}")
+        print(f"{name:12s} stage={cls.stage.value:11s} budgets: {budgets:30s} params: {params}")
 
 
 def _demo(args) -> None:
-    from lmms_eval_redundancy.demo import run
+    from lmms_eval_redundancy.embedded.demo import run
 
     run(args.out)
 
@@ -66,7 +83,7 @@ def _demo(args) -> None:
 def _show_kept(args) -> None:
     from PIL import Image
 
-    from lmms_eval_redundancy.show import show_kept, task_image
+    from lmms_eval_redundancy.tools.show import show_kept, task_image
 
     if bool(args.image) == bool(args.task):
         raise SystemExit("give either --image PATH or --task NAME (with --doc N)")
@@ -75,22 +92,23 @@ def _show_kept(args) -> None:
 
 
 def _bench_overhead(args) -> None:
-    from lmms_eval_redundancy.bench import run
+    from lmms_eval_redundancy.tools.bench import overhead
 
-    run(text_layers=args.text_layers, vision_layers=args.vision_layers, keep_tokens=args.tokens, repeats=args.repeats)
+    overhead(args.method, tokens=args.tokens, repeats=args.repeats, text_layers=args.text_layers,
+             vision_layers=args.vision_layers)
 
 
 def _build_codebook(args) -> None:
     import json
-    import os
     from pathlib import Path
 
     from lmms_eval_redundancy.codebook.builder import build_codebook, load_settings
+    from lmms_eval_redundancy.runtime.loading import process_layout
 
     settings = load_settings(args.settings, batch_size=args.batch_size, skip_article=args.skip_article or None,
                              divergence=args.divergence)
     path = build_codebook(args.pretrained, args.images, args.out, settings, limit=args.limit, device=args.device)
-    rank = os.environ.get("RANK", "0")
+    rank = process_layout().rank
     stats = json.loads((Path(args.out) / f"probe_stats_rank{rank}.json").read_text())
     if stats["probed"]:
         print(f"probe stage (rank {rank}): {stats['probed']} images in {stats['seconds']:.1f} s = "
@@ -106,7 +124,12 @@ def _build_codebook(args) -> None:
 def _sweep(args) -> None:
     from pathlib import Path
 
-    from lmms_eval_redundancy.sweep import dry_run, load_sweep, run_sweep, slurm_script
+    from lmms_eval_redundancy.tools.sweep import (
+        dry_run,
+        load_sweep,
+        run_sweep,
+        slurm_script,
+    )
 
     sweep = load_sweep(args.spec)
     if args.dry_run:
@@ -123,21 +146,25 @@ def _sweep(args) -> None:
 def _compare(args) -> None:
     from pathlib import Path
 
-    from lmms_eval_redundancy.compare import compare, markdown
+    from lmms_eval_redundancy.tools.compare import compare, markdown
 
     out = Path(args.out or Path(args.results) / "compare")
-    for model, table in compare(args.results, out).items():
+    tables, duplicates = compare(args.results, out)
+    for model, table in tables.items():
         print(f"## {model}\n")
         print(markdown(table))
         print()
+    for duplicate in duplicates:
+        print(f"duplicate run left out: {duplicate['run']} repeats {', '.join(duplicate['tasks'])} with the same settings "
+              f"as {', '.join(duplicate['kept'])}", file=sys.stderr)
     print(f"tables (.md, .csv, .tex) and plots in {out}")
 
 
 def _bench(args) -> None:
-    from lmms_eval_redundancy.bench import run_speed
+    from lmms_eval_redundancy.tools.bench import speed
 
-    run_speed(args.method or ["random", "codebook", "divprune", "pooling", "fastervlm", "fastv"], tokens=args.tokens,
-              samples=args.samples, text_layers=args.text_layers, vision_layers=args.vision_layers)
+    speed(args.method, tokens=args.tokens, samples=args.samples, text_layers=args.text_layers,
+          vision_layers=args.vision_layers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,13 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-tiny", help="build tiny random LLaVA-family checkpoints (offline, for tests and demos)")
     p.add_argument("out", help="folder; one sub-folder per family")
-    p.add_argument("--family", action="append", choices=["llava", "llava_next", "llava_onevision"])
+    p.add_argument("--family", action="append", choices=list(FAMILIES))
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_tiny)
 
-    p = sub.add_parser("make-local-data", help="generate the data of the local tasks (tasks/local: tiny_*, shapes_*)")
+    p = sub.add_parser("make-local-data", help="write the local tasks (tiny_*, shapes_*) and generate their data")
+    p.add_argument("--out", default="local_tasks", help="folder for the task files and data (the --include_path)")
     p.add_argument("--shapes-docs", type=int, default=96, help="documents per shapes task (videos: half as many)")
     p.set_defaults(func=_make_local_data)
+
+    p = sub.add_parser("tasks-path", help="print the folder of the paper's task groups (for --include_path)")
+    p.set_defaults(func=_tasks_path)
 
     p = sub.add_parser("demo", help="the main job: every method at several budgets on the built-in shapes model and benchmark, compared (CPU, offline)")
     p.add_argument("--out", default="results", help="folder for the sweep (runs/) and the comparison (compare/)")
@@ -203,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_show_kept)
 
     p = sub.add_parser("bench", help="prefill latency per method vs unpruned, measured and FLOPs-predicted, on LLaVA-1.5-7B widths")
-    p.add_argument("--method", action="append", help="methods to time (default: all); the unpruned reference always runs")
+    p.add_argument("--method", action="append", help="methods to time (default: every registered one); the unpruned reference always runs")
     p.add_argument("--tokens", type=int, default=64, help="visual tokens kept of 576")
     p.add_argument("--samples", type=int, default=3)
     p.add_argument("--text-layers", type=int, help="LLM layers (default: 32 on GPU, 4 on CPU)")
@@ -211,24 +242,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("bench-overhead", help="each method's selection time against unpruned prefill (LLaVA-1.5 widths)")
-    p.add_argument("--text-layers", type=int, default=2)
+    p.add_argument("--method", action="append", help="methods to time (default: every registered one)")
+    p.add_argument("--text-layers", type=int, default=3)
     p.add_argument("--vision-layers", type=int, default=24)
     p.add_argument("--tokens", type=int, default=64, help="visual tokens kept of 576")
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(func=_bench_overhead)
 
     p = sub.add_parser("train-shapes", help="train the built-in shapes model (builtin:shapes) from scratch, seeded")
-    p.add_argument("--out", help="output folder (default: the package's builtin/shapes, what builtin:shapes loads)")
+    p.add_argument("--out", default="shapes-model", help="output folder (default: ./shapes-model; the shipped builtin:shapes "
+                   "changes only if you name its folder here)")
     for name in ("seed", "data_seed", "docs", "steps", "batch_size", "eval_every"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--warmup", type=int)
     p.add_argument("--task-weights", type=int, nargs=3, help="steps per cycle for shapes_image, shapes_multi_image, shapes_video")
-    p.add_argument("--init-from", help="continue training a saved shapes model (its record is kept)")
+    p.add_argument("--init-from", help="continue training a saved shapes model, e.g. builtin:shapes (its record is kept)")
     p.set_defaults(func=_train_shapes)
 
     p = sub.add_parser("build-shapes-codebook", help="build the codebook of builtin:shapes from generated training scenes")
-    p.add_argument("--out", help="output folder (default: codebooks/shapes, what the main job uses)")
+    p.add_argument("--out", default="shapes-codebook", help="output folder (default: ./shapes-codebook)")
+    p.add_argument("--pretrained", default="builtin:shapes", help="the shapes model to build it for")
     p.add_argument("--images", type=int, default=256, help="training scenes to build from")
     p.set_defaults(func=_build_shapes_codebook)
 

@@ -1,38 +1,81 @@
-"""Shared fixtures: tiny checkpoints of the three families, local task data, a tiny codebook."""
+"""Shared fixtures and helpers; tests are in three tiers, marked by their folder.
+
+- ``unit/``: pure functions and files (seconds, no model forward passes beyond toy tensors);
+- ``integration/``: the wrapper, engine and builder in-process on tiny models (lmms-eval's evaluator
+  in-process where a test needs tasks);
+- ``e2e/``: real commands in subprocesses (``python -m lmms_eval``, ``accelerate launch``, sweeps,
+  builder processes, a wheel build), one per distinct path.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from lmms_eval_redundancy.families import FAMILIES
+
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-FAMILIES = ("llava", "llava_next", "llava_onevision")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+TIERS = ("unit", "integration", "e2e")
+REFERENCE = Path(os.environ.get("LMMS_EVAL_REDUNDANCY_REFERENCE_CODEBOOKS") or REPO.parent / "shared" / "reference-codebooks")
+LLAVA15_PT = "241228-162634-llava15/coco_train_500samples_numPrototypes-454.pt"
+LLAVAOV_PT = "241225-101925-llavaov/coco_train_1200samples_numPrototypes-45.pt"
+
+
+def release_file(relative: str) -> Path:
+    path = REFERENCE / relative
+    if not path.is_file():
+        pytest.skip(f"reference codebook {relative} not available under {REFERENCE}")
+    return path
+
+
+LOCAL_TASKS = "tiny_image,tiny_multi_image,tiny_video,tiny_image_choice"
+LOCAL_DOCS = {"tiny_image": 8, "tiny_multi_image": 8, "tiny_video": 4, "tiny_image_choice": 8}
+LOCAL_REQUESTS = 8 + 8 + 4 + 8 * 4  # multiple choice sends one loglikelihood request per choice
+
+
+def pytest_collection_modifyitems(items):
+    """Mark every test with the tier of its folder (``pytest -m unit`` runs the fast tier alone)."""
+    for item in items:
+        tier = Path(str(item.fspath)).parent.name
+        if tier in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Random tiny checkpoints saved to disk, one per family (loaded back with from_pretrained by users)."""
-    from lmms_eval_redundancy.tiny import build_tiny_model
+    from lmms_eval_redundancy.testing.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("tiny")
     return {family: build_tiny_model(family, root / family) for family in FAMILIES}
 
 
 @pytest.fixture(scope="session")
-def local_data() -> Path:
-    """The local tasks' data under tasks/local/data (generated once, deterministic)."""
-    from lmms_eval_redundancy import localdata, shapes
+def local_tasks(tmp_path_factory) -> Path:
+    """The local tasks and their generated data (the --include_path of local runs)."""
+    from lmms_eval_redundancy.embedded.tasks import write_local_tasks
 
-    localdata.generate()
-    shapes.generate()
-    return localdata.DATA_DIR
+    return write_local_tasks(tmp_path_factory.mktemp("local_tasks"))
+
+
+@pytest.fixture(scope="session")
+def tiny_codebook(tiny_models, tmp_path_factory) -> tuple[Path, float]:
+    """A codebook for the tiny LLaVA model and a threshold that keeps part, not all, of its tokens."""
+    from lmms_eval_redundancy.testing.tiny import tiny_codebook as build
+
+    return build(tiny_models["llava"], tmp_path_factory.mktemp("codebook") / "tiny.safetensors")
 
 
 def image(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -58,13 +101,89 @@ def requests_for(wrapper, docs: list[dict], kind: str = "generate_until", task: 
     ]
 
 
-def fake_model_config(hidden_size: int) -> SimpleNamespace:
-    return SimpleNamespace(config=SimpleNamespace(text_config=SimpleNamespace(hidden_size=hidden_size)))
+@functools.cache
+def task_manager(include_path: Path):
+    """lmms-eval's task index with ``include_path`` (built once: it scans all of lmms-eval's tasks)."""
+    from lmms_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(include_path))
+
+
+def evaluate(wrapper, tasks: str, include_path: Path, limit: int | None = None) -> tuple[dict, dict]:
+    """lmms-eval's own evaluator, in-process, on ``wrapper``: (results, token summary of this evaluation)."""
+    from lmms_eval.evaluator import simple_evaluate
+
+    from lmms_eval_redundancy.lmms.ledger import summarize
+
+    start = len(wrapper.ledger.samples)
+    results = simple_evaluate(model=wrapper, tasks=tasks.split(","), limit=limit, log_samples=True,
+                              task_manager=task_manager(include_path), verbosity="ERROR")
+    return results, summarize(wrapper.ledger.samples[start:])
+
+
+def run_lmms_eval(model_args: str, out: Path, include_path: Path, *, processes: int = 1, batch_size: int = 2,
+                  tasks: str = LOCAL_TASKS, limit: int | None = None, env: dict | None = None, cwd: Path = REPO):
+    """The real ``python -m lmms_eval`` (or ``accelerate launch`` with ``processes``): (results, tokens, folder)."""
+    command = ["-m", "lmms_eval", "--model", "llava_redundancy", "--model_args", model_args, "--tasks", tasks,
+               "--include_path", str(include_path), "--output_path", str(out), "--batch_size", str(batch_size),
+               "--log_samples"] + (["--limit", str(limit)] if limit else [])
+    if processes > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        # torchrun-based data parallel with gloo; accelerate's --cpu flag starts one process unless given an MPI hostfile
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                    "--main_process_port", str(port)]
+        command = launcher + command
+    else:
+        command = [sys.executable] + command
+    done = subprocess.run(command, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    (results,) = out.glob("*/*_results.json")
+    tokens = results.with_name(results.name.replace("_results.json", "_tokens.json"))
+    return json.loads(results.read_text()), json.loads(tokens.read_text()), results.parent
+
+
+def sample_outputs(folder: Path) -> dict:
+    """``(doc_id, task file) -> filtered responses`` from lmms-eval's logged samples."""
+    outputs = {}
+    for path in folder.glob("*_samples_*.jsonl"):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            outputs[(row["doc_id"], path.name.split("_samples_")[1])] = row["filtered_resps"]
+    return outputs
+
+
+# ---- codebook builds on the tiny model ----------------------------------------------------------------
+
+TINY_BUILD_SETTINGS = dict(jsd_thres=4e-4, per_image_clusters=4, per_image_max_size=8, global_clusters=3, min_images=1,
+                           batch_size=16)
 
 
 @pytest.fixture(scope="session")
-def tiny_codebook(tiny_models, tmp_path_factory) -> tuple[Path, float]:
-    """A codebook for the tiny LLaVA model and a threshold that keeps part, not all, of its tokens."""
-    from lmms_eval_redundancy.tiny import tiny_codebook as build
+def training_images(tmp_path_factory) -> Path:
+    """Eight flat images with a square each, and one unreadable file."""
+    folder = tmp_path_factory.mktemp("train")
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        pixels = np.zeros((32, 32, 3), np.uint8) + rng.integers(0, 255, 3, dtype=np.uint8)
+        pixels[8:24, 8:24] = rng.integers(0, 255, 3, dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+    (folder / "broken.png").write_bytes(b"not an image")
+    return folder
 
-    return build(tiny_models["llava"], tmp_path_factory.mktemp("codebook") / "tiny.safetensors")
+
+def same_codebook(a: Path, b: Path) -> bool:
+    """Byte-identical prototype tensors and equal metadata (safetensors orders header keys arbitrarily)."""
+    from lmms_eval_redundancy.codebook.store import load_codebook
+
+    first, second = load_codebook(a), load_codebook(b)
+    meta = lambda c: {k: v for k, v in c.meta.items() if k != "path"}  # noqa: E731
+    return first.prototypes.numpy().tobytes() == second.prototypes.numpy().tobytes() and meta(first) == meta(second)
+
+
+def build_settings(**changes):
+    from lmms_eval_redundancy.codebook.builder import load_settings
+
+    return load_settings("llava15", **{**TINY_BUILD_SETTINGS, **changes})

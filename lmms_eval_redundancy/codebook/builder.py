@@ -23,8 +23,14 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from lmms_eval_redundancy.codebook.analysis import DIVERGENCES, dpc_knn, low_information, window_indices
+from lmms_eval_redundancy.codebook.analysis import (
+    DIVERGENCES,
+    dpc_knn,
+    low_information,
+    window_indices,
+)
 from lmms_eval_redundancy.codebook.store import Codebook, save_codebook
+from lmms_eval_redundancy.runtime.loading import load, process_layout
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif"}
 
@@ -107,11 +113,8 @@ def list_images(source: str | Path, limit: int | None = None) -> list[tuple[str,
 class Prober:
     """Runs the probes of one image through one LLaVA-family model, batched."""
 
-    def __init__(self, model, processor, settings: BuildSettings):
-        from lmms_eval_redundancy.adapters import family_of
-
-        self.model, self.processor, self.settings = model, processor, settings
-        self.adapter = family_of(model.config.model_type)[1](model, processor)
+    def __init__(self, model, processor, family, settings: BuildSettings):
+        self.model, self.processor, self.family, self.settings = model, processor, family, settings
         self.embed = model.get_input_embeddings()
         self.device = next(model.parameters()).device
         tokenizer = processor.tokenizer
@@ -135,9 +138,9 @@ class Prober:
         inputs = self.processor(text=[self.processor.image_token], images=[[image.convert("RGB")]], return_tensors="pt")
         inputs = inputs.to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        (visual,) = self.adapter.encode(inputs, [1], [0])[0]
+        (visual,) = self.family.encode(inputs, [1], [0])[0]
         positions = visual.base if visual.base is not None else visual.units[0]
-        side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
+        side = self.family.patch_grid
         return visual.features[positions], (side, side)
 
     @torch.no_grad()
@@ -185,21 +188,6 @@ def _write_atomically(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _load_model(pretrained: str, device: str | None):
-    from transformers import AutoConfig, AutoProcessor
-
-    from lmms_eval_redundancy.adapters import family_of
-    from lmms_eval_redundancy.shapes_model import resolve_pretrained
-
-    pretrained = resolve_pretrained(pretrained)
-    config = AutoConfig.from_pretrained(pretrained)
-    model_class, _ = family_of(config.model_type)
-    model = model_class.from_pretrained(pretrained, dtype="auto").eval()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    model.to(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
-    return model, AutoProcessor.from_pretrained(pretrained)
-
-
 def probe_images(pretrained: str, images: list, cache: Path, settings: BuildSettings, rank: int = 0,
                  world_size: int = 1, device: str | None = None) -> dict:
     """Probe this process's share of ``images`` into ``cache``, skipping images already there."""
@@ -209,12 +197,12 @@ def probe_images(pretrained: str, images: list, cache: Path, settings: BuildSett
     stats = {"assigned": len(mine), "probed": 0, "skipped_unreadable": 0, "seconds": 0.0, "forward_passes": 0}
     if not todo:
         return stats
-    model, processor = _load_model(pretrained, device)
-    prober = Prober(model, processor, settings)
+    loaded = load(pretrained, device=device)
+    prober = Prober(loaded.model, loaded.processor, loaded.family, settings)
     start = time.perf_counter()
-    for _, image_id, load in tqdm(todo, desc=f"probing (rank {rank})", disable=rank != 0 and world_size > 1):
+    for _, image_id, read in tqdm(todo, desc=f"probing (rank {rank})", disable=rank != 0 and world_size > 1):
         try:
-            image = load()
+            image = read()
             image.load()
         except (OSError, UnidentifiedImageError, ValueError) as err:
             (cache / f"{image_id}.skip").write_text(f"unreadable: {err}\n")
@@ -318,7 +306,8 @@ def build_codebook(pretrained: str, images: str | Path, out_dir: str | Path, set
     """
     out_dir = Path(out_dir)
     cache = out_dir / "probes"
-    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    layout = process_layout()
+    rank, world_size = layout.rank, layout.world_size
     items = list_images(images, limit)
     if not items:
         raise BuildError(f"no images found in {images}")

@@ -1,3 +1,18 @@
-"""Built-in pruning methods; importing this package registers them."""
+"""Pruning methods, one module each; importing this package imports and so registers every one of them."""
 
-from lmms_eval_redundancy.methods import codebook, divprune, fastervlm, fastv, none, pooling, random  # noqa: F401
+import importlib
+import pkgutil
+
+from lmms_eval_redundancy.core.registry import (
+    available_methods,
+    build_method,
+    method_class,
+    param_fields,
+    param_names,
+)
+
+__all__ = ["available_methods", "build_method", "method_class", "param_fields", "param_names"]
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")

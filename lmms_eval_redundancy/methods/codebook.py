@@ -13,8 +13,16 @@ from dataclasses import dataclass
 
 import torch
 
-from lmms_eval_redundancy.budget import Budget
-from lmms_eval_redundancy.registry import MethodError, PruningMethod, Selection, VisualUnit, register
+from lmms_eval_redundancy.codebook.store import check_codebook_path, load_codebook
+from lmms_eval_redundancy.core.budget import Budget
+from lmms_eval_redundancy.methods.base import (
+    BeforeLLM,
+    MethodError,
+    Selection,
+    VisualUnit,
+    file_param,
+    register,
+)
 
 VARIANTS = ("threshold", "ratio", "double_softmax")
 
@@ -71,18 +79,16 @@ def select(features, prototypes, *, threshold=None, retention=None, tokens=None,
 
 
 @register
-class CodebookPruning(PruningMethod):
+class CodebookPruning(BeforeLLM):
     name = "codebook"
     budgets = ("threshold", "retention", "tokens")
 
     @dataclass
     class Params:
-        codebook: str = ""
+        codebook: str = file_param("a codebook .safetensors, or a paper release .pt")
         variant: str = ""  # default from the budget: threshold= -> "threshold", retention=/tokens= -> "ratio"
 
     def validate(self) -> None:
-        from lmms_eval_redundancy.codebook.store import check_codebook_path
-
         if not self.params.codebook:
             raise MethodError(
                 "method=codebook needs codebook=PATH: a codebook .safetensors (see `lmms-eval-redundancy "
@@ -102,12 +108,9 @@ class CodebookPruning(PruningMethod):
         self.params.variant = self.params.variant or implied
         self.prototypes = None
 
-    def attach(self, model) -> None:
-        from lmms_eval_redundancy.codebook.store import load_codebook
-
+    def attach(self, model, family) -> None:
         codebook = load_codebook(self.params.codebook)
         codebook.check_hidden_size(model.config.text_config.hidden_size)
-        self.codebook_meta = codebook.meta
         self.prototypes = torch.nn.functional.normalize(codebook.prototypes.float(), dim=-1)
 
     def settings(self) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from lmms_eval_redundancy.registry import PruningMethod, Selection, VisualUnit, register
+from lmms_eval_redundancy.methods.base import BeforeLLM, Selection, VisualUnit, register
 
 
 def select(features: torch.Tensor, k: int) -> torch.Tensor:
@@ -33,7 +33,7 @@ def select(features: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @register
-class DivPrune(PruningMethod):
+class DivPrune(BeforeLLM):
     name = "divprune"
 
     def select_unit(self, unit: VisualUnit) -> Selection:

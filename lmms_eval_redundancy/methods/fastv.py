@@ -15,14 +15,11 @@ that are masked out as keys, so every layer >= K sees one rectangular batch.
 from __future__ import annotations
 
 import contextlib
-import sys
-import time
 from dataclasses import dataclass
 
 import torch
 
-from lmms_eval_redundancy.efficiency import sync
-from lmms_eval_redundancy.registry import MethodError, PruningMethod, Stage, register
+from lmms_eval_redundancy.methods.base import InsideLLM, MethodError, register
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -38,18 +35,10 @@ class PrefillState:
     gathered_valid: torch.Tensor | None = None  # bool [B, T']: kept (True) or filler/padding (False)
 
 
-def last_token_attention(attention: torch.nn.Module, hidden_states, position_embeddings, valid) -> torch.Tensor:
-    """``[B, T]`` head-mean attention probabilities of the last position over all keys of one layer."""
-    rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb
-    batch, length, _ = hidden_states.shape
-    head_dim = attention.head_dim
-    query = attention.q_proj(hidden_states[:, -1:]).view(batch, 1, -1, head_dim).transpose(1, 2)
-    key = attention.k_proj(hidden_states).view(batch, length, -1, head_dim).transpose(1, 2)
-    cos, sin = position_embeddings
-    query, _ = rotary(query, query, cos[:, -1:], sin[:, -1:])
-    _, key = rotary(key, key, cos, sin)
-    key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-    logits = (query.float() @ key.float().transpose(-1, -2)).squeeze(2) * attention.scaling  # [B, H, T]
+def last_token_attention(query: torch.Tensor, keys: torch.Tensor, scale: float, valid: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` head-mean attention probabilities of the last position (``query [B, H, 1, d]``) over ``keys
+    [B, H, T, d]``, padding (``valid`` False) excluded."""
+    logits = (query.float() @ keys.float().transpose(-1, -2)).squeeze(2) * scale  # [B, H, T]
     logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
     return logits.softmax(dim=-1).mean(dim=1)
 
@@ -84,9 +73,8 @@ def rectangular(kept: list[torch.Tensor], length: int) -> tuple[torch.Tensor, to
 
 
 @register
-class FastV(PruningMethod):
+class FastV(InsideLLM):
     name = "fastv"
-    stage = Stage.INSIDE_LLM
 
     @dataclass
     class Params:
@@ -101,18 +89,19 @@ class FastV(PruningMethod):
             raise MethodError(f"fastv_k={self.params.fastv_k} is out of range; FastV prunes after layer K >= 1 (default 2)")
         self.state: PrefillState | None = None
 
-    def attach(self, model) -> None:
-        text_config = model.config.text_config
-        implementation = text_config._attn_implementation or "eager"
+    def attach(self, model, family) -> None:
+        implementation = family.text_attention_implementation
         if implementation not in SUPPORTED_ATTENTION:
             raise MethodError(f"fastv runs with attn_implementation {' or '.join(SUPPORTED_ATTENTION)}, not {implementation!r}")
-        layers = model.model.language_model.layers
+        layers = family.decoder_layers
         if self.params.fastv_k >= len(layers):
             raise MethodError(f"fastv_k={self.params.fastv_k} must be below the LLM's {len(layers)} layers")
+        self.family = family
         self.float_mask = implementation == "eager"
-        layers[self.params.fastv_k - 1].self_attn.register_forward_pre_hook(self._select, with_kwargs=True)
+        self.hook(layers[self.params.fastv_k - 1].self_attn.register_forward_pre_hook(self._select, with_kwargs=True))
         for index in range(self.params.fastv_k, len(layers)):
-            layers[index].register_forward_pre_hook(self._prune_layer_inputs(index == self.params.fastv_k), with_kwargs=True)
+            hook = self._prune_layer_inputs(index == self.params.fastv_k)
+            self.hook(layers[index].register_forward_pre_hook(hook, with_kwargs=True))
 
     def settings(self) -> dict:
         return {**super().settings(), "selection": "last token attention, head mean, at layer K-1"}
@@ -132,16 +121,13 @@ class FastV(PruningMethod):
         hidden_states = args[0] if args else kwargs["hidden_states"]
         if state is None or state.gather is not None or hidden_states.shape[1] != state.valid.shape[1]:
             return None
-        started = time.perf_counter()
-        try:
+        with self.selection.timing(hidden_states.device):
             self._choose(module, hidden_states, kwargs, state)
-        finally:
-            sync(hidden_states.device)
-            self.selection_seconds += time.perf_counter() - started
         return None
 
     def _choose(self, module, hidden_states, kwargs, state: PrefillState) -> None:
-        scores = last_token_attention(module, hidden_states, kwargs["position_embeddings"], state.valid)
+        query, keys, scale = self.family.text_query_key(module, hidden_states, kwargs["position_embeddings"])
+        scores = last_token_attention(query, keys, scale, state.valid)
         counts = [self.budget.keep_count(int(n)) for n in state.prunable.sum(dim=1)]
         kept = keep_positions(scores, state.prunable, counts)
         if all(k.numel() == state.valid.shape[1] for k in kept):
@@ -155,17 +141,11 @@ class FastV(PruningMethod):
             if state is None or state.gather is None:
                 return None
             hidden_states = args[0] if args else kwargs.pop("hidden_states")
-            full_length = state.valid.shape[1]
-            cos, sin = kwargs["position_embeddings"]
-            if cos.shape[1] == full_length:  # prefill: move every per-position input to the kept positions
+            if self.family.layer_positions(kwargs) == state.valid.shape[1]:  # prefill: move to the kept positions
                 index = state.gather
                 if first_pruned_layer:
                     hidden_states = hidden_states.gather(1, index[..., None].expand(-1, -1, hidden_states.shape[-1]))
-                take = index[..., None].expand(-1, -1, cos.shape[-1])
-                kwargs["position_embeddings"] = (cos.expand(index.shape[0], -1, -1).gather(1, take),
-                                                 sin.expand(index.shape[0], -1, -1).gather(1, take))
-                if kwargs.get("position_ids") is not None:
-                    kwargs["position_ids"] = kwargs["position_ids"].expand(index.shape[0], -1).gather(1, index)
+                self.family.gather_positions(kwargs, index)
             kwargs["attention_mask"] = self._mask(hidden_states, kwargs.get("past_key_values"), module.self_attn.layer_idx)
             return (hidden_states,), kwargs
 

@@ -2,7 +2,8 @@
 
 import torch
 
-from lmms_eval_redundancy.registry import PruningMethod, Selection, VisualUnit, register
+from lmms_eval_redundancy.core.registry import UNPRUNED
+from lmms_eval_redundancy.methods.base import BeforeLLM, Selection, VisualUnit, register
 
 
 def select(features: torch.Tensor) -> torch.Tensor:
@@ -11,8 +12,8 @@ def select(features: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class NoPruning(PruningMethod):
-    name = "none"
+class NoPruning(BeforeLLM):
+    name = UNPRUNED
     budgets = ()
 
     def select_unit(self, unit: VisualUnit) -> Selection:

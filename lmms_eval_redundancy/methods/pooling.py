@@ -6,7 +6,13 @@ import math
 
 import torch
 
-from lmms_eval_redundancy.registry import MethodError, PruningMethod, Selection, VisualUnit, register
+from lmms_eval_redundancy.methods.base import (
+    BeforeLLM,
+    MethodError,
+    Selection,
+    VisualUnit,
+    register,
+)
 
 
 def pooled_shape(rows: int, cols: int, k: int) -> tuple[int, int]:
@@ -25,8 +31,9 @@ def pool(features: torch.Tensor, grid: tuple[int, int], k: int) -> torch.Tensor:
 
 
 @register
-class Pooling(PruningMethod):
+class Pooling(BeforeLLM):
     name = "pooling"
+    needs_grid = True
 
     def select_unit(self, unit: VisualUnit) -> Selection:
         if unit.grid is None:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmms_eval_redundancy.registry import PruningMethod, Selection, VisualUnit, register
+from lmms_eval_redundancy.methods.base import BeforeLLM, Selection, VisualUnit, register
 
 
 def select(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -20,7 +20,7 @@ def unit_generator(seed: int, key: str) -> torch.Generator:
 
 
 @register
-class RandomPruning(PruningMethod):
+class RandomPruning(BeforeLLM):
     name = "random"
 
     @dataclass

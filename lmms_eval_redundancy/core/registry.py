@@ -1,0 +1,97 @@
+"""The pruning-method registry: each method declares its stage, budgets and typed parameters.
+
+Methods register themselves with ``@register`` when their module is imported; importing
+``lmms_eval_redundancy.methods`` imports every method module, so lookups go through that package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from enum import Enum
+
+from lmms_eval_redundancy.core.budget import Budget
+
+UNPRUNED = "none"  # the method that keeps every token: the reference of every comparison
+PATHS_KEY = "paths"  # settings entry with the paths of file parameters (identity is their content, recorded apart)
+
+
+class Stage(str, Enum):
+    BEFORE_LLM = "before_llm"  # acts on projected visual features before they enter the LLM
+    INSIDE_LLM = "inside_llm"  # acts on hidden states inside the decoder
+
+
+class MethodError(ValueError):
+    """Unknown method, unknown parameter, or a parameter of the wrong type."""
+
+
+_METHODS: dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    """Class decorator adding a method to the registry under ``cls.name``."""
+    if cls.name in _METHODS and _METHODS[cls.name] is not cls:
+        raise MethodError(f"method {cls.name!r} is registered twice ({_METHODS[cls.name].__module__} and {cls.__module__})")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    """Names of the registered methods."""
+    return sorted(_METHODS)
+
+
+def method_class(name: str) -> type:
+    if name not in _METHODS:
+        raise MethodError(f"unknown method {name!r}; available methods: {', '.join(available_methods())}")
+    return _METHODS[name]
+
+
+def param_fields(name: str) -> list[dataclasses.Field]:
+    """The typed parameters of a method (its ``Params`` dataclass fields)."""
+    return list(dataclasses.fields(method_class(name).Params))
+
+
+def param_names(name: str) -> list[str]:
+    return [f.name for f in param_fields(name)]
+
+
+def _coerce(value, annotation, key: str):
+    """Convert a model_args value (already typed by lmms-eval's parser, or a string) to ``annotation``."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if value is None:
+        return None
+    if annotation is bool:
+        text = str(value).lower()
+        if text in ("true", "1", "yes", "false", "0", "no"):
+            return text in ("true", "1", "yes")
+    else:
+        try:
+            converted = annotation(float(value)) if annotation is int else annotation(value)
+            if annotation is not int or converted == float(value):
+                return converted
+        except (TypeError, ValueError):
+            pass
+    raise MethodError(f"{key}={value!r} is not a valid {annotation.__name__}")
+
+
+def build_method(name: str, budget: Budget, **raw_params):
+    """Instantiate a registered method, checking parameter names, types and the budget kind."""
+    cls = method_class(name)
+    if budget.kind not in cls.budgets + ("all",):
+        allowed = ", ".join(f"{b}=" for b in cls.budgets) or "no budget"
+        raise MethodError(f"method {name!r} does not accept a {budget.kind}= budget; it accepts {allowed}")
+    hints = typing.get_type_hints(cls.Params)
+    known = {f.name for f in dataclasses.fields(cls.Params)}
+    unknown = sorted(set(raw_params) - known)
+    if unknown:
+        raise MethodError(
+            f"unknown parameter(s) {', '.join(unknown)} for method {name!r}; "
+            f"its parameters are: {', '.join(sorted(known)) or 'none'}"
+        )
+    params = cls.Params(**{k: _coerce(v, hints[k], k) for k, v in raw_params.items()})
+    method = cls(params=params, budget=budget)
+    method.validate()
+    return method

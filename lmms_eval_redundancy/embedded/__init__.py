@@ -1,0 +1,1 @@
+"""The embedded default: the synthetic benchmarks, the built-in model's training, and the main job."""

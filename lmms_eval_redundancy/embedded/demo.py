@@ -1,0 +1,71 @@
+"""The main job on the embedded default: the built-in shapes model, its shipped codebook, the shapes benchmark.
+
+``lmms-eval-redundancy demo`` sweeps every registered method at several budgets (threshold budgets at the
+codebook's calibrated thresholds) over ``shapes_image``, ``shapes_multi_image`` and ``shapes_video``
+against the unpruned model, one ``lmms_eval`` run per cell, then writes the comparison tables and plots.
+Everything it writes goes under its output folder (default ``./results``); nothing is downloaded; a
+rerun skips finished cells.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from lmms_eval_redundancy.codebook.store import load_codebook
+from lmms_eval_redundancy.core.registry import UNPRUNED
+from lmms_eval_redundancy.embedded.shapes_codebook import CODEBOOK
+from lmms_eval_redundancy.embedded.tasks import write_local_tasks
+from lmms_eval_redundancy.methods import available_methods, method_class, param_fields
+
+TASKS = "shapes_image,shapes_multi_image,shapes_video"  # one sweep task entry: one lmms_eval run per cell
+RETENTIONS = [0.05, 0.1, 0.25, 0.5]
+
+
+def method_entries() -> list[dict]:
+    """One sweep entry per registered method, from what it declares: its budgets, file parameters, grid need."""
+    thresholds = json.loads(load_codebook(CODEBOOK).meta["thresholds"])
+    entries = []
+    for name in available_methods():
+        cls = method_class(name)
+        if name == UNPRUNED:
+            continue  # the sweep adds the unpruned reference itself
+        budgets = {"retention": RETENTIONS} if "retention" in cls.budgets else {}
+        if "threshold" in cls.budgets:
+            budgets["threshold"] = thresholds
+        entry = {"method": name, **{f.name: str(CODEBOOK) for f in param_fields(name) if f.metadata.get("file")}}
+        if cls.needs_grid:
+            entry["anyres"] = "base_only"  # the model's single images are anyres; one token grid is the base view
+        entries.append({**entry, "budgets": budgets})
+    return entries
+
+
+def sweep_spec(out_dir: Path, tasks_dir: Path, batch_size: int) -> dict:
+    """The sweep of the main job: every method at ``RETENTIONS``, threshold budgets at the codebook's thresholds."""
+    return {
+        "output": str(out_dir / "runs"),
+        "models": [{"pretrained": "builtin:shapes", "name": "shapes"}],
+        "methods": method_entries(),
+        "tasks": [TASKS],
+        "include_path": str(tasks_dir),
+        "lmms_eval": {"batch_size": batch_size},
+    }
+
+
+def run(out_dir: str | Path = "results", batch_size: int = 16) -> dict:
+    """Sweep every method over the shapes tasks on ``builtin:shapes``, then print and write the comparison."""
+    from lmms_eval_redundancy.tools.compare import compare, markdown
+    from lmms_eval_redundancy.tools.sweep import load_sweep, run_sweep
+
+    out_dir = Path(out_dir).resolve()
+    tasks_dir = write_local_tasks(out_dir / "tasks")
+    spec_path = out_dir / "sweep.yaml"
+    spec_path.write_text(yaml.safe_dump(sweep_spec(out_dir, tasks_dir, batch_size), sort_keys=False))
+    counts = run_sweep(load_sweep(spec_path), env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    tables, _ = compare(out_dir / "runs", out_dir / "compare")
+    for table in tables.values():
+        print(markdown(table))
+    print(f"sweep: ran {counts['ran']} cells ({counts['already_done']} already done); tables and plots in {out_dir / 'compare'}")
+    return tables

@@ -1,0 +1,51 @@
+"""The built-in shapes model's codebook, built by the project's builder from generated training scenes."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lmms_eval_redundancy.codebook.builder import Prober, build_codebook, load_settings
+from lmms_eval_redundancy.codebook.store import Codebook, load_codebook, save_codebook
+from lmms_eval_redundancy.embedded import shapes
+from lmms_eval_redundancy.embedded.training import TrainSettings
+from lmms_eval_redundancy.methods.codebook import redundancy_scores
+from lmms_eval_redundancy.runtime.loading import BUILTIN, load
+
+CODEBOOK = Path(str(BUILTIN / "shapes_codebook" / "codebook.safetensors"))  # what the main job uses
+
+
+def build_shapes_codebook(out_dir: str | Path, images: int = 256, threshold_images: int = 64,
+                          keep_fractions: tuple[float, ...] = (0.1, 0.25, 0.5), pretrained: str = "builtin:shapes") -> Path:
+    """The shapes model's codebook, built by ``build-codebook`` (preset ``shapes``) from training images.
+
+    The images are the first ``images`` single-image scenes of the training data (``TrainSettings.data_seed``).
+    The codebook's ``thresholds`` are the redundancy scores below which ``keep_fractions`` of the
+    base-view tokens of the next ``threshold_images`` training scenes fall (the middle one is ``threshold``).
+    """
+    out_dir = Path(out_dir)
+    train = TrainSettings()
+    docs = shapes.image_docs(images + threshold_images, np.random.default_rng([train.data_seed, 0]), train.image_size)
+    settings = load_settings("shapes")
+    with tempfile.TemporaryDirectory() as folder:
+        for doc in docs[:images]:
+            Path(folder, f"train{doc['id']:05d}.png").write_bytes(doc["image"]["bytes"])
+        path = build_codebook(pretrained, folder, out_dir, settings)
+    shutil.rmtree(out_dir / "probes", ignore_errors=True)
+    codebook = load_codebook(path)
+    loaded = load(pretrained, device="cpu")
+    prober = Prober(loaded.model, loaded.processor, loaded.family, settings)
+    scores = torch.cat([redundancy_scores(prober.visual_tokens(Image.open(io.BytesIO(doc["image"]["bytes"])))[0],
+                                          codebook.prototypes) for doc in docs[images:]])
+    thresholds = [round(float(scores.quantile(q)), 4) for q in keep_fractions]
+    meta = {**codebook.meta, "model": pretrained, "thresholds": json.dumps(thresholds),
+            "threshold": str(thresholds[len(thresholds) // 2]),
+            "thresholds_keep": json.dumps(list(keep_fractions))}
+    return save_codebook(Codebook(codebook.prototypes, meta), path)

@@ -1,0 +1,151 @@
+"""Token accounting: per-sample records streamed to disk per rank, and a run summary.
+
+During a run each process appends one JSON line per sample to ``<dir>/tokens/<launch>/rank<R>.jsonl``
+(flushed after every batch, so an interrupted run keeps what it finished). When the process of rank 0
+exits, it merges all ranks' records into ``<date>_tokens.json`` next to lmms-eval's
+``<date>_results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+
+
+def output_path_from_argv(argv: list[str]) -> str | None:
+    """The ``--output_path`` of the running ``lmms_eval`` command, if any."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--output_path", default=None)
+    return parser.parse_known_args(argv)[0].output_path
+
+
+def launch_id(world_size: int) -> str:
+    """A name all processes of one launch agree on without communicating, on every node.
+
+    Several processes: a hash of the launcher's rendezvous (run id, master address and port, world size),
+    which every rank sees alike. One process: a random name.
+    """
+    if world_size <= 1:
+        return uuid.uuid4().hex[:12]
+    rendezvous = ":".join(os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE"))
+    return hashlib.sha256(rendezvous.encode()).hexdigest()[:12]
+
+
+def summarize(samples: list[dict]) -> dict:
+    """Aggregate per-sample records into the run summary the compare tool reads."""
+    units = [u for s in samples for u in s["units"]]
+    before = sum(u["before"] for u in units)
+    after = sum(u["after"] for u in units)
+    per_sample_after = [sum(u["after"] for u in s["units"]) for s in samples if s["units"]]
+    retained = [u["after"] for u in units]
+    return {
+        "samples": len(samples),
+        "samples_with_visuals": len(per_sample_after),
+        "images": sum(u["kind"] == "image" for u in units),
+        "frames": sum(u["kind"] == "frame" for u in units),
+        "visual_tokens_before": before,
+        "visual_tokens_after": after,
+        "newline_tokens_before": sum(u["newlines_before"] for u in units),
+        "newline_tokens_after": sum(u["newlines_after"] for u in units),
+        "achieved_retention": after / before if before else None,
+        "retained_per_unit": {
+            "mean": statistics.fmean(retained) if retained else None,
+            "min": min(retained, default=None),
+            "max": max(retained, default=None),
+        },
+        "retained_per_sample_mean": statistics.fmean(per_sample_after) if per_sample_after else None,
+        "floor_hits": sum(bool(u["floor_hit"]) for u in units),
+        "efficiency": summarize_efficiency(samples),
+    }
+
+
+def summarize_efficiency(samples: list[dict]) -> dict:
+    """Per-sample means of the measured costs (peak memory: the maximum), split by request type."""
+    out = {}
+    for request in sorted({s["request"] for s in samples}):
+        rows = [s.get("efficiency", {}) for s in samples if s["request"] == request]
+        keys = sorted({k for row in rows for k in row} - {"batch_size"})
+        out[request] = {
+            f"{key}_per_sample" if key != "peak_memory_bytes" else key:
+            (max if key == "peak_memory_bytes" else statistics.fmean)([row[key] for row in rows if key in row])
+            for key in keys
+        }
+    return out
+
+
+class TokenLedger:
+    """Collects unit records of one process and writes the run summary at exit (rank 0)."""
+
+    def __init__(self, rank: int, world_size: int, results_dir: Path | None, settings: dict):
+        self.rank, self.world_size = rank, world_size
+        self.results_dir = results_dir
+        self.settings = settings
+        self.started = time.time()
+        self.samples: list[dict] = []
+        self.launch = launch_id(world_size)
+        self.log_dir = results_dir / "tokens" / self.launch if results_dir else None
+        self._stream = None
+        if self.log_dir:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self._stream = open(self.log_dir / f"rank{rank}.jsonl", "w", encoding="utf-8")
+
+    def add(self, request: str, task: str, split: str, doc_id: int, records: list, efficiency: dict | None = None) -> None:
+        sample = {"request": request, "task": task, "split": split, "doc_id": doc_id,
+                  "units": [{k: v for k, v in dataclasses.asdict(r).items() if v is not None} for r in records],
+                  "efficiency": efficiency or {}}
+        self.samples.append(sample)
+        if self._stream:
+            self._stream.write(json.dumps(sample) + "\n")
+
+    def flush(self) -> None:
+        if self._stream:
+            self._stream.flush()
+
+    def _all_samples(self) -> list[dict]:
+        """Every rank's records (read back from the per-rank streams)."""
+        samples = []
+        for path in sorted(self.log_dir.glob("rank*.jsonl")):
+            samples += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return samples
+
+    def _results_file(self) -> Path | None:
+        candidates = [p for p in self.results_dir.glob("*_results.json") if p.stat().st_mtime >= self.started]
+        return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
+
+    def finish(self) -> Path | None:
+        """Close this rank's stream; on rank 0 write the merged summary. Returns the file written."""
+        if self._stream:
+            self._stream.close()
+            self._stream = None
+        if self.rank != 0 or not self.results_dir:
+            return None
+        samples = self._all_samples()
+        summary = {"settings": self.settings, "world_size": self.world_size, **summarize(samples)}
+        retention = summary["achieved_retention"]
+        # Printed, not logged: this runs at interpreter exit, when log sinks may already be closed.
+        print(f"llava_redundancy tokens: {summary['visual_tokens_after']} of {summary['visual_tokens_before']} visual "
+              f"tokens kept (retention {'n/a' if retention is None else f'{retention:.4f}'}), "
+              f"floor hits {summary['floor_hits']}", file=sys.stderr)
+        results = self._results_file()
+        stem = results.name[: -len("_results.json")] if results else f"run-{self.launch}"
+        summary["results_file"] = results.name if results else None
+        out = self.results_dir / f"{stem}_tokens.json"
+        out.write_text(json.dumps({**summary, "per_sample": samples}, indent=2))
+        print(f"llava_redundancy token summary written to {out}", file=sys.stderr)
+        return out
+
+
+def results_dir_for(pretrained: str, output_dir: str | None = None) -> Path | None:
+    """Where lmms-eval writes this model's results: ``<output_path>/<sanitized model name>``."""
+    from lmms_eval.utils import sanitize_model_name
+
+    base = output_dir or output_path_from_argv(sys.argv[1:])
+    return Path(base) / sanitize_model_name(pretrained) if base else None

@@ -1,0 +1,258 @@
+"""The lmms-eval model ``llava_redundancy``: transformers' LLaVA classes with visual-token pruning."""
+
+from __future__ import annotations
+
+import atexit
+import inspect
+
+import torch
+from accelerate import Accelerator
+from lmms_eval import utils
+from lmms_eval.api.instance import GenerationResult
+from lmms_eval.api.model import lmms
+from PIL import Image
+from tqdm import tqdm
+from transformers import LogitsProcessorList
+
+from lmms_eval_redundancy.core.budget import KEEP_ALL, parse_budget
+from lmms_eval_redundancy.core.registry import UNPRUNED, MethodError
+from lmms_eval_redundancy.lmms.ledger import TokenLedger, results_dir_for
+from lmms_eval_redundancy.methods import build_method, param_names
+from lmms_eval_redundancy.runtime.efficiency import (
+    BatchMeter,
+    cache_bytes,
+    sample_flops,
+)
+from lmms_eval_redundancy.runtime.engine import PruningEngine
+from lmms_eval_redundancy.runtime.loading import load, process_layout
+from lmms_eval_redundancy.runtime.prompts import (
+    chat_prompt,
+    chat_template_of,
+    load_video_frames,
+)
+
+
+def scored_continuation(logprob: float, is_greedy: bool) -> GenerationResult:
+    """A loglikelihood answer that lmms-eval 0.7.3 passes through unchanged.
+
+    lmms-eval 0.7.3 (``unwrap_generation_output``) turns any response that is not a string or a
+    ``GenerationResult`` into ``str(response)``, which breaks multiple-choice scoring; the pair travels
+    inside a ``GenerationResult`` instead, whose ``text`` the evaluator hands on as it is.
+    """
+    return GenerationResult(text=(logprob, is_greedy))
+
+
+class LlavaRedundancy(lmms):
+    """LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision with a pruning ``method`` at a budget.
+
+    model_args: ``pretrained`` (a checkpoint folder or hub id), ``method`` and its parameters, one budget
+    (``retention=``, ``tokens=`` or ``threshold=``), ``anyres=full|base_only``, ``log_keep_indices``,
+    and the usual ``device``, ``dtype``, ``attn_implementation``, ``device_map``, ``batch_size``,
+    ``max_frames_num``, ``chat_template``, ``revision``, ``output_dir`` (where the token summary goes;
+    default: lmms-eval's ``--output_path``).
+    """
+
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str,
+        method: str = UNPRUNED,
+        retention: float | None = None,
+        tokens: int | None = None,
+        threshold: float | None = None,
+        anyres: str = "full",
+        log_keep_indices: bool = False,
+        device: str | None = None,
+        dtype: str | None = "auto",
+        attn_implementation: str | None = None,
+        device_map: str | None = "",
+        batch_size: int | str = 1,
+        max_batch_size: int | None = None,  # lmms-eval's --max_batch_size; batches here have a fixed size
+        max_frames_num: int = 8,
+        chat_template: str | None = None,
+        revision: str = "main",
+        trust_remote_code: bool = False,
+        output_dir: str | None = None,
+        **method_params,
+    ) -> None:
+        super().__init__()
+        self._check_keys(method, method_params)
+        budget = parse_budget(retention, tokens, threshold) or KEEP_ALL
+        pruning = build_method(str(method), budget, **method_params)
+        self.accelerator = Accelerator()
+        layout = process_layout(self.accelerator)
+        self._rank, self._world_size = layout.rank, layout.world_size
+        if self._world_size > 1 and device_map:
+            raise ValueError(
+                "device_map spreads one model over devices in a single process; with accelerate launch "
+                "--num_processes > 1 every process holds a whole model: drop device_map"
+            )
+        loaded = load(pretrained, device=None if self._world_size > 1 else device, dtype=dtype,
+                      attn_implementation=attn_implementation, device_map=device_map, revision=revision,
+                      trust_remote_code=trust_remote_code)
+        self._model, self.processor = loaded.model, loaded.processor
+        self._device = self._model.device
+        self.processor.tokenizer.padding_side = "left"
+        self.chat_template = chat_template_of(self.processor, chat_template)
+        self.batch_size_per_gpu = int(batch_size)
+        self.max_frames_num = int(max_frames_num)
+        self.engine = PruningEngine(self._model, self.processor, loaded.family, pruning, anyres, bool(log_keep_indices))
+        self.ledger = TokenLedger(self._rank, self._world_size, results_dir_for(pretrained, output_dir),
+                                  {**self.engine.settings(), "pretrained": pretrained})
+        atexit.register(self.ledger.finish)
+
+    @staticmethod
+    def _check_keys(method, method_params: dict) -> None:
+        wrapper_keys = [p for p in inspect.signature(LlavaRedundancy.__init__).parameters if p not in ("self", "method_params")]
+        accepted = param_names(str(method))
+        unknown = sorted(set(method_params) - set(accepted))
+        if unknown:
+            raise MethodError(
+                f"unknown model_args key(s) {', '.join(unknown)} for llava_redundancy with method={method}; "
+                f"accepted keys: {', '.join(wrapper_keys + accepted)}"
+            )
+
+    @property
+    def model(self):
+        return self._model
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def device(self):
+        return self._device
+
+    @property
+    def batch_size(self):
+        return self.batch_size_per_gpu
+
+    # ---- building one batch -------------------------------------------------------------------------
+
+    def _visuals(self, doc_to_visual, task, split, doc_id) -> tuple[list, list]:
+        """(images, videos) of one document; videos are frame arrays."""
+        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual else []
+        visuals = [v for v in (visuals or []) if v is not None]
+        images = [v.convert("RGB") for v in visuals if isinstance(v, Image.Image)]
+        videos = [load_video_frames(v, self.max_frames_num) for v in visuals if isinstance(v, str)]
+        if len(images) + len(videos) != len(visuals):
+            kinds = sorted({type(v).__name__ for v in visuals})
+            raise TypeError(f"{task} doc {doc_id}: visuals must be PIL images or video paths, got {kinds}")
+        return images, videos
+
+
+    def _prompt(self, context: str, n_images: int, n_videos: int, continuation: str | None = None) -> str:
+        return chat_prompt(self.processor, self.chat_template, context, n_images, n_videos, continuation)
+
+    def _build(self, requests_args: list[tuple], texts: list[str] | None = None, continuations=None):
+        """Processor inputs and pruned LLM inputs for a batch of (context, _, doc_to_visual, doc_id, task, split)."""
+        prompts, images, videos, n_images, n_videos, n_frame_images, keys = [], [], [], [], [], [], []
+        for i, (context, _, doc_to_visual, doc_id, task, split) in enumerate(requests_args):
+            sample_images, sample_videos = self._visuals(doc_to_visual, task, split, doc_id)
+            frame_images = []
+            if sample_videos and not self.engine.family.native_video:
+                # Families without video input see the sampled frames as a sequence of images.
+                frame_images = [Image.fromarray(f) for v in sample_videos for f in v]
+                sample_images, sample_videos = sample_images + frame_images, []
+            cont = continuations[i] if continuations else None
+            prompts.append(self._prompt(context, len(sample_images), len(sample_videos), cont))
+            if sample_images:
+                images.append(sample_images)  # nested per sample: OneVision gives multi-image samples base views only
+            videos += sample_videos
+            n_images.append(len(sample_images))
+            n_videos.append(len(sample_videos))
+            n_frame_images.append(len(frame_images))
+            keys.append(f"{task}/{split}/{doc_id}")
+        inputs = self.engine.processor_inputs(prompts, images, videos)
+        batch, records = self.engine.prune(inputs, n_images, n_videos, keys, n_frame_images)
+        return prompts, batch, records
+
+    def _log_records(self, request: str, requests_args, batch, records, meter: BatchMeter, cache=None) -> None:
+        """Token records and per-sample efficiency (batch-level costs shared evenly by its samples)."""
+        size = len(requests_args)
+        shared = {key: value if key == "peak_memory_bytes" else value / size for key, value in meter.phases().items()}
+        shared["pruning_seconds"] = self.engine.method.selection.seconds / size
+        if cache is not None:
+            shared["kv_cache_bytes"] = cache_bytes(cache) / size
+        first_pruned = self.engine.first_pruned_layer
+        for row, ((_, _, _, doc_id, task, split), sample_records) in enumerate(zip(requests_args, records)):
+            dropped_inside = sum(r.before - r.after for r in sample_records) if first_pruned is not None else 0
+            flops = sample_flops(self._model.config, int(batch.attention_mask[row].sum()), dropped_inside,
+                                 first_pruned, batch.vision_tiles[row])
+            self.ledger.add(request, task, split, doc_id, sample_records, {**shared, **flops, "batch_size": size})
+        self.ledger.flush()
+
+    # ---- lmms-eval API ------------------------------------------------------------------------------
+
+    def generate_until(self, requests) -> list[str]:
+        results = []
+        collator = utils.Collator([r.args for r in requests], lambda x: (-len(x[0]), x[0]), grouping=True)
+        progress = tqdm(total=len(requests), disable=self._rank != 0, desc="llava_redundancy generate")
+        for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
+            gen_kwargs = dict(chunk[0][1])
+            until = gen_kwargs.pop("until", None) or [self.tokenizer.eos_token]
+            until = [until] if isinstance(until, str) else list(until)
+            temperature = float(gen_kwargs.get("temperature", 0) or 0)
+            with BatchMeter(self._device) as meter:
+                _, batch, records = self._build(chunk)
+                with torch.no_grad(), self.engine.around_llm(batch, records):
+                    output = self._model.generate(
+                        inputs_embeds=batch.inputs_embeds,
+                        attention_mask=batch.attention_mask,
+                        max_new_tokens=int(gen_kwargs.get("max_new_tokens", 1024)),
+                        do_sample=temperature > 0,
+                        temperature=temperature if temperature > 0 else None,
+                        top_p=gen_kwargs.get("top_p") if temperature > 0 else None,
+                        num_beams=int(gen_kwargs.get("num_beams", 1)),
+                        pad_token_id=self.tokenizer.pad_token_id,
+                        eos_token_id=self.tokenizer.eos_token_id,
+                        suppress_tokens=self.engine.family.placeholder_ids,
+                        logits_processor=LogitsProcessorList([meter.clock]),
+                        return_dict_in_generate=True,
+                    )
+            self._log_records("generate_until", chunk, batch, records, meter, output.past_key_values)
+            for text in self.tokenizer.batch_decode(output.sequences, skip_special_tokens=True):
+                for stop in until:
+                    if stop:
+                        text = text.split(stop)[0]
+                results.append(text)
+                self.cache_hook.add_partial("generate_until", None, text)
+            progress.update(len(chunk))
+        progress.close()
+        return collator.get_original(results)
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        results = []
+        progress = tqdm(total=len(requests), disable=self._rank != 0, desc="llava_redundancy loglikelihood")
+        args = [r.args for r in requests]
+        for start in range(0, len(args), self.batch_size):
+            chunk = args[start:start + self.batch_size]
+            continuations = [
+                target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
+                for _, target, _, doc_id, task, split in chunk
+            ]
+            with BatchMeter(self._device) as meter:
+                prompts, batch, records = self._build(chunk, continuations=continuations)
+                with torch.no_grad(), self.engine.around_llm(batch, records):
+                    logits = self._model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).logits
+            self._log_records("loglikelihood", chunk, batch, records, meter)
+            for row, (prompt, cont) in enumerate(zip(prompts, continuations)):
+                n = len(self.tokenizer(prompt).input_ids) - len(self.tokenizer(prompt[: len(prompt) - len(cont)]).input_ids)
+                if n <= 0:
+                    raise ValueError(f"continuation {cont!r} tokenizes to nothing; cannot score it")
+                target = batch.input_ids[row, -n:]
+                logprobs = torch.log_softmax(logits[row, -n - 1:-1].float(), dim=-1)
+                score = logprobs.gather(-1, target[:, None]).sum().item()
+                greedy = bool((logprobs.argmax(-1) == target).all())
+                results.append(scored_continuation(score, greedy))
+            progress.update(len(chunk))
+        progress.close()
+        return results
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError(
+            "llava_redundancy does not support multi-round generation: pruning is decided once per prompt; "
+            "run single-round tasks (generate_until or loglikelihood)"
+        )

@@ -1,0 +1,1 @@
+"""Running a model with a method: loading, prompts, the pruning engine, and what each batch costs."""

@@ -1,0 +1,72 @@
+"""What each batch costs: preparation (vision + pruning), LLM prefill, decode, KV cache, memory, FLOPs."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import LogitsProcessor
+
+from lmms_eval_redundancy.core.timing import sync
+from lmms_eval_redundancy.runtime.flops import llm_prefill_flops, vision_flops
+
+
+class FirstTokenClock(LogitsProcessor):
+    """Notes when the first next-token logits exist (the end of prefill); passes scores through."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.first: float | None = None
+
+    def __call__(self, input_ids, scores):
+        if self.first is None:
+            sync(self.device)
+            self.first = time.perf_counter()
+        return scores
+
+
+class BatchMeter:
+    """Wall-clock phases of one batch, measured with device synchronisation.
+
+    ``prefill`` runs from the start of input preparation (vision tower, pruning, splicing) to the first
+    next-token logits; ``decode`` from there to the end.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.clock = FirstTokenClock(device)
+
+    def __enter__(self):
+        sync(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        sync(self.device)
+        self.end = time.perf_counter()
+        return False
+
+    def phases(self) -> dict:
+        first = self.clock.first or self.end
+        out = {"prefill_seconds": first - self.start, "decode_seconds": self.end - first}
+        if self.device.type == "cuda":
+            out["peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        return out
+
+
+def cache_bytes(cache) -> int:
+    """Bytes held by the keys and values of a transformers cache."""
+    return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+               for layer in cache.layers if getattr(layer, "keys", None) is not None)
+
+
+def sample_flops(config, valid_tokens: int, dropped_inside: int, inside_from_layer: int | None, tiles: int) -> dict:
+    """Analytic prefill FLOPs of one sample: LLM over its tokens (fewer from ``inside_from_layer`` on when
+    a method drops ``dropped_inside`` tokens inside the LLM) and the vision tower over its ``tiles`` views."""
+    layers = config.text_config.num_hidden_layers
+    start = layers if inside_from_layer is None else inside_from_layer
+    per_layer = [valid_tokens] * start + [valid_tokens - dropped_inside] * (layers - start)
+    return {"llm_prefill_flops": llm_prefill_flops(config.text_config, per_layer),
+            "vision_flops": vision_flops(config.vision_config, tiles, config.vision_config.num_hidden_layers)}

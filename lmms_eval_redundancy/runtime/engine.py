@@ -1,0 +1,125 @@
+"""The pruning engine: from processor outputs to pruned LLM inputs (encode, select per image/frame, splice).
+
+Public API, usable without lmms-eval::
+
+    loaded = load("llava-hf/llava-1.5-7b-hf")
+    method = build_method("codebook", Budget("tokens", 64), codebook="llava15.safetensors")
+    engine = PruningEngine(loaded.model, loaded.processor, loaded.family, method)
+    inputs = engine.processor_inputs([prompt], [[image]], [])
+    batch, records = engine.prune(inputs, images_per_sample=[1], videos_per_sample=[0], keys=["doc0"])
+    with engine.around_llm(batch, records):
+        output = loaded.model.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask)
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from lmms_eval_redundancy.core.registry import MethodError, Stage
+from lmms_eval_redundancy.core.splice import SplicedBatch, splice
+from lmms_eval_redundancy.core.units import (
+    ANYRES_POLICIES,
+    keep_all_records,
+    prune_sample,
+    unit_map,
+)
+from lmms_eval_redundancy.core.visuals import UnitRecord
+
+
+class PruningEngine:
+    """Runs one pruning method on one model instance; holds no state shared with other instances."""
+
+    def __init__(self, model, processor, family, method, anyres: str = "full", log_keep_indices: bool = False):
+        if anyres not in ANYRES_POLICIES:
+            raise MethodError(f"anyres={anyres!r} is not supported; choose one of {', '.join(ANYRES_POLICIES)}")
+        if method.stage is Stage.INSIDE_LLM and anyres != "full":
+            raise MethodError(f"anyres={anyres} applies to methods before the LLM; {method.name} chooses among all "
+                              "visual tokens of a sample inside the LLM: drop anyres=")
+        self.model = model
+        self.processor = processor
+        self.family = family
+        self.method = method
+        self.anyres = anyres
+        self.log_keep_indices = log_keep_indices
+        self.pad_id = processor.tokenizer.pad_token_id
+        method.attach(model, family)
+
+    def settings(self) -> dict:
+        return {**self.method.settings(), "anyres": self.anyres, "family": self.family.name}
+
+    @property
+    def first_pruned_layer(self) -> int | None:
+        """The first decoder layer with fewer tokens when the method acts inside the LLM, else ``None``."""
+        return self.method.first_pruned_layer if self.method.stage is Stage.INSIDE_LLM else None
+
+    def processor_inputs(self, prompts: list[str], images: list[list], videos: list):
+        """Processor outputs for a batch on the model's device, pixels in the model's dtype.
+
+        ``images`` is nested per sample (samples without images left out), ``videos`` flat in sample order.
+        """
+        inputs = self.processor(text=prompts, images=images or None, videos=videos or None, padding=True,
+                                return_tensors="pt").to(self.model.device)
+        for name in ("pixel_values", "pixel_values_videos"):
+            if name in inputs:
+                inputs[name] = inputs[name].to(self.model.dtype)
+        return inputs
+
+    @torch.no_grad()
+    def prune(self, inputs, images_per_sample: list[int], videos_per_sample: list[int], keys: list[str],
+              frames_as_images: list[int] | None = None) -> tuple[SplicedBatch, list[list[UnitRecord]]]:
+        """Pruned, re-padded LLM inputs for a processed batch, and the token records of each sample.
+
+        ``keys`` name the samples (random choices are seeded by them); ``frames_as_images[b]`` counts the
+        trailing images of sample ``b`` that are video frames (families without video input): they are
+        recorded as frames.
+        """
+        self.method.selection.reset()
+        before_llm = self.method.stage is Stage.BEFORE_LLM
+        with (self.method.observing_vision() if before_llm else contextlib.nullcontext()) as captured:
+            visuals = self.family.encode(inputs, images_per_sample, videos_per_sample)
+        if captured is not None:
+            self.family.attach_scores(visuals, captured, inputs)
+        if self.anyres == "per_view":
+            self.family.attach_views(visuals, inputs)
+        if before_llm:
+            with self.method.selection.timing(self.model.device):
+                pruned = [prune_sample(v, self.method, key, self.anyres, self.log_keep_indices)
+                          for v, key in zip(visuals, keys)]
+        else:
+            pruned = [([v.features for v in sample], keep_all_records(sample)) for sample in visuals]
+        kept = [features for features, _ in pruned]
+        records = [sample_records for _, sample_records in pruned]
+        for sample_records, n_images, n_frames in zip(records, images_per_sample, frames_as_images or []):
+            for record in sample_records:
+                if record.visual >= n_images - n_frames:
+                    record.kind, record.unit, record.visual = "frame", record.visual - (n_images - n_frames), n_images - n_frames
+        lengths = [[v.length for v in sample_visuals] for sample_visuals in visuals]
+        batch = splice(inputs["input_ids"], inputs["attention_mask"], lengths, kept, self.family.placeholder_ids,
+                       self.pad_id, self.model.get_input_embeddings())
+        if not before_llm:
+            batch.unit_ids = unit_map(batch.visual_mask, visuals)
+            batch.prunable_mask = batch.unit_ids >= 0
+        batch.vision_tiles = self._tiles_per_sample(inputs, images_per_sample, videos_per_sample)
+        return batch, records
+
+    def _tiles_per_sample(self, inputs, images_per_sample: list[int], videos_per_sample: list[int]) -> list[int]:
+        """Views through the vision tower per sample: anyres tiles of its images plus its video frames."""
+        image_tiles = self.family.tiles_per_image(inputs) if sum(images_per_sample) else []
+        frames = inputs["pixel_values_videos"].shape[1] if sum(videos_per_sample) else 0
+        tiles, start = [], 0
+        for n_images, n_videos in zip(images_per_sample, videos_per_sample):
+            tiles.append(sum(image_tiles[start:start + n_images]) + n_videos * frames)
+            start += n_images
+        return tiles
+
+    def around_llm(self, batch: SplicedBatch, records: list[list[UnitRecord]]):
+        """Context for the LLM call; methods acting inside the LLM hook in here."""
+        if self.method.stage is Stage.INSIDE_LLM:
+            return self.method.around_llm(batch, records, self.log_keep_indices)
+        return contextlib.nullcontext()
+
+    def close(self) -> None:
+        """Remove the method's hooks from the model."""
+        self.method.detach()

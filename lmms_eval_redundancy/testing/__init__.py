@@ -1,0 +1,1 @@
+"""Checkpoints and configs built locally for tests and benchmarks (no download)."""

@@ -1,0 +1,1 @@
+"""Tools over runs: sweeps, comparison tables, kept-token pictures, speed benchmarks."""

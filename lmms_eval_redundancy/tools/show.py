@@ -1,0 +1,137 @@
+"""``show-kept``: draw which visual tokens each method keeps, over the image the model sees.
+
+Each panel shows the vision tiles of one image as the model receives them (the base view, then the
+anyres crops in their grid), with dropped token patches darkened. Panels of several methods/budgets are
+placed side by side in one PNG.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from transformers.models.llava_next.modeling_llava_next import (
+    get_anyres_image_grid_shape,
+)
+
+from lmms_eval_redundancy.core.units import policy_units
+
+DIM = 0.2  # brightness of dropped patches
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """``"codebook,codebook=cb.safetensors,threshold=0.45"`` -> ``("codebook", {...})``."""
+    from lmms_eval.utils import simple_parse_args_string
+
+    method, _, options = spec.partition(",")
+    return method, simple_parse_args_string(options)
+
+
+def task_image(task: str, doc: int, include_path: str | None) -> Image.Image:
+    """The first visual of document ``doc`` of an lmms-eval task (local tasks load offline)."""
+    from lmms_eval.tasks import TaskManager, get_task_dict
+
+    task_obj = get_task_dict([task], TaskManager(include_path=include_path))[task]
+    split = task_obj.config.test_split or task_obj.config.validation_split
+    visuals = task_obj.doc_to_visual(task_obj.dataset[split][doc])
+    if not visuals or not isinstance(visuals[0], Image.Image):
+        raise ValueError(f"document {doc} of {task} has no image to show")
+    return visuals[0].convert("RGB")
+
+
+def tile_images(processor, pixel_values: torch.Tensor) -> list[np.ndarray]:
+    """The vision tiles of one image as uint8 arrays ``[H, W, 3]`` (normalisation undone)."""
+    mean = torch.tensor(processor.image_processor.image_mean)[:, None, None]
+    std = torch.tensor(processor.image_processor.image_std)[:, None, None]
+    tiles = pixel_values.reshape(-1, *pixel_values.shape[-3:]).float().cpu()
+    return [((t * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy() for t in tiles]
+
+
+def token_origins(family, inputs, visual) -> torch.Tensor:
+    """``[L, 2]`` (tile, patch) each packed token came from; -1 at newlines."""
+    side = family.patch_grid
+    tiles = family.tiles_per_image(inputs)[0]
+    index = torch.arange(tiles * side * side, dtype=torch.float32).view(tiles, side * side)
+    packed = family.image_scores(index, inputs)[0]
+    origin = torch.full((visual.length, 2), -1, dtype=torch.long)
+    valid = ~torch.isnan(packed)
+    flat = packed[valid].round().long()
+    origin[valid] = torch.stack([flat // (side * side), flat % (side * side)], dim=1)
+    return origin
+
+
+def kept_positions(wrapper, image: Image.Image) -> tuple[object, object, torch.Tensor, dict]:
+    """Run ``wrapper`` on one image; return processor inputs, the packed visual, kept mask and settings."""
+    wrapper.task_dict = {"show": {"image": {0: {"image": image}}}}
+    args = ("Describe the image.", {"max_new_tokens": 1}, lambda doc: [doc["image"]], 0, "show", "image")
+    wrapper.generate_until([type("Request", (), {"args": args})()])
+    records = wrapper.ledger.samples[-1]["units"]
+    inputs = wrapper.processor(text=[wrapper._prompt("q", 1, 0)], images=[[image]], return_tensors="pt").to(wrapper.device)
+    with torch.no_grad():
+        (visual,) = wrapper.engine.family.encode(inputs, [1], [0])[0]
+    if wrapper.engine.anyres == "per_view":
+        wrapper.engine.family.attach_views([[visual]], inputs)
+    units, _, _ = policy_units(visual, wrapper.engine.anyres)
+    kept = torch.zeros(visual.length, dtype=torch.bool)
+    for record in records:
+        positions = units[record["unit"]].cpu()
+        # merged tokens (pooling) have no kept subset: the whole unit is shown, the title gives the count
+        kept[positions[record["keep"]] if "keep" in record else positions] = True
+    return inputs, visual, kept, wrapper.engine.settings()
+
+
+def render_panel(processor, family, inputs, visual, kept: torch.Tensor, title: list[str], scale: int = 1) -> Image.Image:
+    """Tiles with dropped patches darkened: the base view, then the crop mosaic to its right."""
+    tiles = tile_images(processor, inputs["pixel_values"])
+    side = family.patch_grid
+    origins = token_origins(family, inputs, visual)
+    shade = [np.full((side * side,), DIM) for _ in tiles]
+    for (tile, patch), keep in zip(origins.tolist(), kept.tolist()):
+        if tile >= 0 and keep:
+            shade[tile][patch] = 1.0
+    shaded = []
+    for tile, factors in zip(tiles, shade):
+        tile = np.kron(tile, np.ones((scale, scale, 1), dtype=np.uint8))
+        cell = tile.shape[0] // side
+        mask = np.kron(factors.reshape(side, side), np.ones((cell, cell)))
+        shaded.append((tile[: side * cell, : side * cell] * mask[..., None]).astype(np.uint8))
+    size = shaded[0].shape[0]
+    crops = shaded[1:]
+    rows, columns = 0, 0
+    if crops:
+        rows, columns = get_anyres_image_grid_shape(inputs["image_sizes"][0].tolist(), family.config.image_grid_pinpoints,
+                                                    family.config.vision_config.image_size)
+    header = 14 * len(title) + 4
+    text_width = max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(line)) for line in title) + 4
+    width = max(size * (1 + columns) + (8 if crops else 0), text_width)
+    canvas = Image.new("RGB", (width, max(size, size * rows) + header), "white")
+    canvas.paste(Image.fromarray(shaded[0]), (0, header))
+    for i, crop in enumerate(crops):
+        canvas.paste(Image.fromarray(crop), (size + 8 + (i % columns) * size, header + (i // columns) * size))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(title):
+        draw.text((2, 2 + 14 * i), line, fill="black")
+    return canvas
+
+
+def show_kept(pretrained: str, image: Image.Image, specs: list[str], out: str, scale: int = 1) -> str:
+    """One panel per ``method,key=value,...`` spec, side by side, written to ``out`` (PNG)."""
+    from lmms_eval_redundancy.lmms.model import LlavaRedundancy
+
+    panels = []
+    for spec in specs:
+        method, options = parse_spec(spec)
+        wrapper = LlavaRedundancy(pretrained=pretrained, method=method, log_keep_indices=True, **options)
+        inputs, visual, kept, settings = kept_positions(wrapper, image)
+        total = int((~visual.newline).sum())
+        kept_visual = sum(u["after"] for u in wrapper.ledger.samples[-1]["units"])
+        title = [f"{settings['method']} {settings['budget']}", f"anyres={settings['anyres']}: {kept_visual}/{total} kept"]
+        panels.append(render_panel(wrapper.processor, wrapper.engine.family, inputs, visual, kept, title, scale))
+    height = max(p.height for p in panels)
+    sheet = Image.new("RGB", (sum(p.width for p in panels) + 12 * (len(panels) - 1), height), "white")
+    x = 0
+    for panel in panels:
+        sheet.paste(panel, (x, 0))
+        x += panel.width + 12
+    sheet.save(out)
+    return out

@@ -1,0 +1,71 @@
+"""A sweep on the tiny model: interrupted and resumed through real ``lmms_eval`` runs; compare's numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from lmms_eval_redundancy.tools.compare import compare
+from lmms_eval_redundancy.tools.sweep import load_sweep, run_sweep
+
+
+@pytest.fixture(scope="module")
+def swept(tiny_models, local_tasks, tmp_path_factory):
+    """The 4-cell sweep, run as: cells 0 and 2, a half-written cell 1, then everything."""
+    root = tmp_path_factory.mktemp("sweep")
+    spec = {
+        "output": str(root / "out"),
+        "models": [{"pretrained": str(tiny_models["llava"]), "name": "tiny"}],
+        "methods": [{"method": "random", "budgets": {"retention": [0.25, 0.5]}},
+                    {"method": "fastv", "fastv_k": 2, "budgets": {"tokens": [4]}}],
+        "tasks": ["tiny_image"],
+        "include_path": str(local_tasks),
+        "model_args": {"dtype": "float32"},
+        "lmms_eval": {"batch_size": 2, "log_samples": True},
+    }
+    (root / "spec.yaml").write_text(yaml.safe_dump(spec))
+    sweep = load_sweep(root / "spec.yaml")
+    first = [run_sweep(sweep, only=i) for i in (0, 2)]
+    sweep.cells[1].folder.mkdir(parents=True)
+    (sweep.cells[1].folder / "partial_results.json").write_text("{")
+    counts = run_sweep(sweep)
+    return sweep, first, counts
+
+
+def test_an_interrupted_sweep_completes_only_the_missing_cells(swept):
+    sweep, first, counts = swept
+    assert first == [{"ran": 1, "already_done": 0}] * 2
+    assert counts == {"ran": 2, "already_done": 2}
+    assert all(cell.done for cell in sweep.cells)
+    assert not (sweep.cells[1].folder / "partial_results.json").exists()
+
+
+def test_compare_tables_match_the_results_files(swept):
+    sweep, _, _ = swept
+    out = sweep.cells[0].folder.parents[1] / "compare"
+    tables, duplicates = compare(sweep.cells[0].folder.parents[1], out)
+    (table,) = tables.values()
+    assert duplicates == [] and len(table) == len(sweep.cells)
+    reference = None
+    for cell in sweep.cells:
+        (results_file,) = cell.folder.glob("*/*_results.json")
+        tokens = json.loads(results_file.with_name(results_file.name.replace("_results", "_tokens")).read_text())
+        score = json.loads(results_file.read_text())["results"]["tiny_image"]["exact_match,none"]
+        label = "none" if cell.method == "none" else f"{cell.method} {tokens['settings']['budget']}"
+        row = table[table["run"].str.startswith(label)].iloc[0]
+        assert row["tiny_image (exact_match)"] == score
+        assert row["retained tokens / sample"] == pytest.approx(tokens["visual_tokens_after"] / tokens["samples_with_visuals"])
+        assert row["achieved retention"] == pytest.approx(tokens["achieved_retention"])
+        efficiency = tokens["efficiency"]["generate_until"]
+        flops = efficiency["llm_prefill_flops_per_sample"] + efficiency["vision_flops_per_sample"]
+        reference = reference or (flops, efficiency["prefill_seconds_per_sample"])
+        assert row["FLOPs ratio"] == pytest.approx(flops / reference[0])
+        assert row["prefill speed-up"] == pytest.approx(reference[1] / efficiency["prefill_seconds_per_sample"])
+    for suffix in (".md", ".csv", ".tex"):
+        assert (out / f"llava{suffix}").is_file()
+    assert (out / "llava_score_vs_tokens.png").is_file() and (out / "llava_pareto_prefill.png").is_file()
+    # the random model scores 0 everywhere, so "% of unpruned" is undefined: shown as missing, never as zero
+    assert table["% of unpruned (mean)"].isna().all()
+    assert "| —" in (out / "llava.md").read_text() and ",," in (out / "llava.csv").read_text().replace(",\n", ",,\n")

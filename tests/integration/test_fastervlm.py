@@ -1,0 +1,58 @@
+"""FasterVLM against attention probabilities from an eager run of the same vision tower."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import image, requests_for
+from transformers import AutoModelForImageTextToText
+
+from lmms_eval_redundancy.lmms.model import LlavaRedundancy
+
+
+def eager_scores(path, pixel_values, has_cls: bool) -> torch.Tensor:
+    """Head-mean [CLS] row (or mean received attention) of the layer LLaVA reads, from eager attention."""
+    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = model.model.vision_tower(pixel_values, output_attentions=True, output_hidden_states=True)
+    layers = len(out.attentions)
+    layer = layers + model.config.vision_feature_layer if model.config.vision_feature_layer < 0 else model.config.vision_feature_layer - 1
+    probs = out.attentions[layer].mean(dim=1)  # [tiles, queries, keys]
+    return probs[:, 0, 1:] if has_cls else probs.mean(dim=1)
+
+
+def kept_indices(w, doc):
+    w.generate_until(requests_for(w, [doc]))
+    return [u["keep"] for u in w.ledger.samples[-1]["units"]]
+
+
+@pytest.mark.parametrize(("family", "has_cls"), [("llava", True), ("llava_onevision", False)])
+def test_kept_indices_are_top_k_of_eager_attention(tiny_models, family, has_cls):
+    doc = {"question": "what is it ?", "visuals": [image(32, 32, 5)]}
+    w = LlavaRedundancy(pretrained=str(tiny_models[family]), device="cpu", method="fastervlm", tokens=5,
+                        anyres="base_only", log_keep_indices=True)
+    pixels = w.processor(text=[w._prompt("q", 1, 0)], images=[[doc["visuals"][0]]], return_tensors="pt")["pixel_values"]
+    scores = eager_scores(tiny_models[family], pixels.reshape(-1, *pixels.shape[-3:])[:1], has_cls)[0]
+    expected = sorted(torch.topk(scores, 5).indices.tolist())
+    assert kept_indices(w, doc) == [expected]
+    assert w.engine.settings()["score"].startswith("cls_attention" if has_cls else "mean_received_attention")
+
+
+def test_scores_follow_the_packed_anyres_order(tiny_models):
+    """Packing the scores as an extra feature channel gives the scores the method sees."""
+    w = LlavaRedundancy(pretrained=str(tiny_models["llava_next"]), device="cpu", method="fastervlm", retention=0.5)
+    img = image(64, 40, 3)
+    inputs = w.processor(text=[w._prompt("q", 1, 0)], images=[[img]], return_tensors="pt")
+    with torch.no_grad(), w.engine.method.observing_vision() as captured:
+        (visual,) = w.engine.family.encode(inputs, [1], [0])[0]
+    w.engine.family.attach_scores([[visual]], captured, inputs)
+    tiles = captured[0]
+    model = w.model.model
+    with_channel = torch.cat([model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+                                                       vision_feature_layer=-2, vision_feature_select_strategy="default"
+                                                       ).pooler_output[0], visual.scores[:, None]], dim=1)
+    raw = torch.cat([torch.zeros(tiles.shape[0], tiles.shape[1], model.image_newline.shape[0]), tiles[..., None]], dim=-1)
+    packed = model.pack_image_features([raw], inputs["image_sizes"], "default",
+                                       image_newline=torch.cat([model.image_newline, torch.tensor([float("nan")])]))[0][0]
+    torch.testing.assert_close(packed[:, -1], with_channel[:, -1], equal_nan=True)
+    assert torch.isnan(visual.scores[visual.newline]).all() and not torch.isnan(visual.scores[~visual.newline]).any()

@@ -1,0 +1,133 @@
+"""FastV against plain references: eager attention rows and a no-cache generation that masks dropped keys."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import image, requests_for
+from transformers import AutoModelForImageTextToText
+
+from lmms_eval_redundancy.lmms.model import LlavaRedundancy
+from lmms_eval_redundancy.methods import fastv
+
+DOCS = [
+    {"question": "what color is this ?", "visuals": [image(32, 32, 0)], "target": " red"},
+    {"question": "which image is blue ?", "visuals": [image(48, 32, 1), image(32, 56, 2)], "target": " first"},
+    {"question": "what ?", "visuals": [image(64, 40, 3)], "target": " red"},
+]
+
+
+def wrapper(path, **kwargs):
+    return LlavaRedundancy(pretrained=str(path), device="cpu", dtype="float32", **kwargs)
+
+
+def test_retention_one_gives_the_output_of_method_none(tiny_models):
+    for family in ("llava", "llava_next"):
+        plain, keep_all = wrapper(tiny_models[family]), wrapper(tiny_models[family], method="fastv", retention=1.0)
+        assert keep_all.generate_until(requests_for(keep_all, DOCS)) == plain.generate_until(requests_for(plain, DOCS))
+
+
+def test_layer_k_minus_1_row_under_sdpa_equals_eager(tiny_models, monkeypatch):
+    rows = []
+    original = fastv.last_token_attention
+    monkeypatch.setattr(fastv, "last_token_attention", lambda *a: rows.append(original(*a)) or rows[-1])
+    w = wrapper(tiny_models["llava_next"], method="fastv", retention=0.5)
+    _, batch, records = w._build([requests_for(w, DOCS[2:])[0].args])
+    with torch.no_grad(), w.engine.around_llm(batch, records):
+        w.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask)
+    eager = AutoModelForImageTextToText.from_pretrained(tiny_models["llava_next"], attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = eager(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, output_attentions=True)
+    expected = out.attentions[1][:, :, -1, :].mean(dim=1)  # layer K-1 = 1
+    torch.testing.assert_close(rows[0], expected, atol=1e-5, rtol=1e-4)
+
+
+def masked_reference_generate(path, batch, keep_visual: torch.Tensor, k: int, steps: int, suppress: list[int]):
+    """Greedy decoding without a cache; layers >= k see every position but the dropped visual keys."""
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    embeds, valid = batch.inputs_embeds, batch.attention_mask.bool()
+    dropped = batch.visual_mask & ~keep_visual
+
+    def hook(module, args, kwargs):
+        length = args[0].shape[1]
+        keys = valid[:, :length] & ~torch.nn.functional.pad(dropped, (0, length - dropped.shape[1]))[:, :length]
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        kwargs["attention_mask"] = (causal[None] & keys[:, None, :])[:, None]
+        return args, kwargs
+
+    layers = model.model.language_model.layers
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers[k:]]
+    tokens = []
+    with torch.no_grad():
+        for _ in range(steps):
+            hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=valid.long()).last_hidden_state
+            logits = model.lm_head(hidden[:, -1])
+            logits[:, suppress] = float("-inf")
+            token = logits.argmax(-1)
+            tokens.append(int(token))
+            embeds = torch.cat([embeds, model.get_input_embeddings()(token)[:, None]], dim=1)
+            valid = torch.cat([valid, valid.new_ones(1, 1)], dim=1)
+    for handle in handles:
+        handle.remove()
+    return tokens
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_pruned_generation_equals_no_cache_reference_masking_dropped_keys(tiny_models, family):
+    w = wrapper(tiny_models[family], method="fastv", retention=0.3)
+    doc = DOCS[1] if family == "llava" else DOCS[2]
+    _, batch, records = w._build([requests_for(w, [doc])[0].args])
+    chosen = {}
+    original = fastv.rectangular
+
+    def spy(kept, length):
+        chosen["kept"] = kept
+        return original(kept, length)
+
+    fastv.rectangular = spy
+    try:
+        with torch.no_grad(), w.engine.around_llm(batch, records):
+            out = w.model.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                                   max_new_tokens=6, do_sample=False, suppress_tokens=w.engine.family.placeholder_ids,
+                                   pad_token_id=w.tokenizer.pad_token_id, eos_token_id=w.tokenizer.eos_token_id)
+    finally:
+        fastv.rectangular = original
+    keep_visual = torch.zeros_like(batch.visual_mask)
+    keep_visual[0, chosen["kept"][0]] = True
+    keep_visual &= batch.visual_mask
+    n_visual = int(batch.prunable_mask.sum())
+    assert int((keep_visual & batch.prunable_mask).sum()) == round(0.3 * n_visual)
+    reference = masked_reference_generate(tiny_models[family], batch, keep_visual, 2, 6, w.engine.family.placeholder_ids)
+    assert out[0].tolist() == reference
+
+
+def test_batch_of_two_with_different_image_sizes_equals_each_alone(tiny_models):
+    one = wrapper(tiny_models["llava_next"], method="fastv", retention=0.3, batch_size=1)
+    two = wrapper(tiny_models["llava_next"], method="fastv", retention=0.3, batch_size=2)
+    assert two.generate_until(requests_for(two, DOCS)) == one.generate_until(requests_for(one, DOCS))
+    ll_one = [r.text for r in one.loglikelihood(requests_for(one, DOCS, "loglikelihood"))]
+    ll_two = [r.text for r in two.loglikelihood(requests_for(two, DOCS, "loglikelihood"))]
+    assert [g for _, g in ll_one] == [g for _, g in ll_two]
+    assert [s for s, _ in ll_one] == pytest.approx([s for s, _ in ll_two], abs=1e-4)
+    after = lambda w: sorted((s["doc_id"], u["after"]) for s in w.ledger.samples for u in s["units"])  # noqa: E731
+    assert after(one) == after(two)
+
+
+def test_fastv_k_out_of_range_is_refused(tiny_models):
+    from lmms_eval_redundancy.core.registry import MethodError
+
+    with pytest.raises(MethodError, match="fastv_k=4 must be below"):
+        wrapper(tiny_models["llava"], method="fastv", retention=0.5, fastv_k=4)
+
+
+def test_eager_attention_gives_the_same_pruned_output_as_sdpa(tiny_models):
+    sdpa = wrapper(tiny_models["llava_next"], method="fastv", retention=0.3, batch_size=2)
+    eager = wrapper(tiny_models["llava_next"], method="fastv", retention=0.3, batch_size=2, attn_implementation="eager")
+    assert eager.generate_until(requests_for(eager, DOCS)) == sdpa.generate_until(requests_for(sdpa, DOCS))
+
+
+def test_anyres_policies_other_than_full_are_refused(tiny_models):
+    from lmms_eval_redundancy.core.registry import MethodError
+
+    with pytest.raises(MethodError, match="anyres=base_only applies to methods before the LLM"):
+        wrapper(tiny_models["llava_next"], method="fastv", retention=0.5, anyres="base_only")

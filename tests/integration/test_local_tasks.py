@@ -1,0 +1,45 @@
+"""Every method on every family, at batch sizes 1 and 2, over every local task kind, through lmms-eval's
+evaluator in-process (task loading, requests, filters and metrics as in a real run)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import LOCAL_DOCS, LOCAL_REQUESTS, LOCAL_TASKS, evaluate
+
+from lmms_eval_redundancy.families import FAMILIES
+from lmms_eval_redundancy.lmms.model import LlavaRedundancy
+
+METHOD_ARGS = {
+    "random": {"method": "random", "retention": 0.5},
+    "divprune": {"method": "divprune", "tokens": 3},
+    "fastervlm": {"method": "fastervlm", "retention": 0.3},
+    "fastv": {"method": "fastv", "retention": 0.3, "fastv_k": 2},
+    "pooling": {"method": "pooling", "tokens": 4, "anyres": "base_only"},
+    "codebook_double_softmax": {"method": "codebook", "retention": 0.3, "variant": "double_softmax"},
+}
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHOD_ARGS)
+def test_every_method_runs_every_task_kind(tiny_models, tiny_codebook, local_tasks, family, method, batch_size):
+    args = {**METHOD_ARGS[method], **({"codebook": str(tiny_codebook[0])} if method.startswith("codebook") else {})}
+    wrapper = LlavaRedundancy(pretrained=str(tiny_models[family]), device="cpu", batch_size=batch_size, **args)
+    results, tokens = evaluate(wrapper, LOCAL_TASKS, local_tasks)
+    assert set(results["results"]) >= set(LOCAL_DOCS)
+    assert tokens["samples"] == LOCAL_REQUESTS and tokens["frames"] > 0 and tokens["images"] > 0
+    assert 0 < tokens["visual_tokens_after"] < tokens["visual_tokens_before"]
+    assert wrapper.engine.settings()["method"] == args["method"]
+
+
+def test_codebook_threshold_run_keeps_fewer_tokens_and_records_the_codebook_by_content(tiny_models, tiny_codebook,
+                                                                                       local_tasks):
+    codebook, threshold = tiny_codebook
+    wrapper = LlavaRedundancy(pretrained=str(tiny_models["llava"]), device="cpu", method="codebook",
+                              codebook=str(codebook), threshold=threshold)
+    results, tokens = evaluate(wrapper, "tiny_image,tiny_video", local_tasks)
+    assert set(results["results"]) == {"tiny_image", "tiny_video"}
+    assert 0 < tokens["visual_tokens_after"] < tokens["visual_tokens_before"]
+    settings = wrapper.ledger.settings
+    assert settings["variant"] == "threshold" and settings["prototypes"] == 6
+    assert settings["codebook"].startswith("tiny-") and settings["paths"]["codebook"] == str(codebook)

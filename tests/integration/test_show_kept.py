@@ -1,0 +1,34 @@
+"""The show-kept picture: kept patches bright, dropped ones dark, one panel per method."""
+
+from __future__ import annotations
+
+import numpy as np
+from conftest import image
+from PIL import Image
+
+from lmms_eval_redundancy.cli import main
+from lmms_eval_redundancy.lmms.model import LlavaRedundancy
+from lmms_eval_redundancy.tools.show import DIM, kept_positions, render_panel
+
+
+def test_panel_darkens_exactly_the_dropped_patches(tiny_models):
+    w = LlavaRedundancy(pretrained=str(tiny_models["llava"]), device="cpu", method="random", tokens=3, log_keep_indices=True)
+    white = Image.new("RGB", (32, 32), "white")
+    inputs, visual, kept, _ = kept_positions(w, white)
+    assert int(kept.sum()) == 3
+    assert kept.nonzero().flatten().tolist() == w.ledger.samples[-1]["units"][0]["keep"]
+    panel = np.asarray(render_panel(w.processor, w.engine.family, inputs, visual, kept, ["t"], scale=1))
+    tile = panel[panel.shape[0] - 32:, :32].mean(axis=-1)  # the base view, 4x4 patches of 8 px
+    patch_brightness = tile.reshape(4, 8, 4, 8).mean(axis=(1, 3)).flatten()
+    bright = patch_brightness > patch_brightness.max() * (1 + DIM) / 2
+    assert bright.nonzero()[0].tolist() == kept.nonzero().flatten().tolist()
+
+
+def test_show_kept_command_writes_one_panel_per_method(tiny_models, tmp_path):
+    source = tmp_path / "in.png"
+    image(64, 40, 3).save(source)
+    out = tmp_path / "kept.png"
+    main(["show-kept", str(tiny_models["llava_next"]), "--image", str(source), "--method", "none",
+          "--method", "fastv,retention=0.3", "--method", "pooling,tokens=4,anyres=base_only", "--out", str(out)])
+    sheet = Image.open(out)
+    assert sheet.width > 3 * 4 * 32 and sheet.height > 4 * 32

@@ -105,7 +105,7 @@ def _build_codebook(args) -> None:
     from lmms_eval_redundancy.codebook.builder import build_codebook, load_settings
     from lmms_eval_redundancy.runtime.loading import process_layout
 
-    settings = load_settings(args.settings, batch_size=args.batch_size, skip_article=args.skip_article or None,
+    settings = load_settings(args.settings, batch_size=args.batch_size, skip_article=args.skip_article,
                              divergence=args.divergence)
     path = build_codebook(args.pretrained, args.images, args.out, settings, limit=args.limit, device=args.device)
     rank = process_layout().rank
@@ -126,6 +126,7 @@ def _sweep(args) -> None:
 
     from lmms_eval_redundancy.tools.sweep import (
         dry_run,
+        failure_report,
         load_sweep,
         run_sweep,
         slurm_script,
@@ -141,6 +142,8 @@ def _sweep(args) -> None:
         return
     counts = run_sweep(sweep, only=args.cell)
     print(f"sweep: ran {counts['ran']} cells, {counts['already_done']} were already done")
+    if counts["failed"]:
+        raise SystemExit(failure_report(counts["failed"]))
 
 
 def _compare(args) -> None:
@@ -187,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="use only the first N images")
     p.add_argument("--batch-size", type=int, help="probes per forward pass")
     p.add_argument("--divergence", choices=["jsd_topk", "jsd"], help="default: the settings' (jsd_topk, as officially)")
-    p.add_argument("--skip-article", action="store_true", help="skip a leading article before reading the first token")
+    p.add_argument("--skip-article", action=argparse.BooleanOptionalAction,
+                   help="read the token after a leading article (default: the settings'; the released presets skip it)")
     p.add_argument("--device")
     p.set_defaults(func=_build_codebook)
 

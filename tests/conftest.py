@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -157,6 +158,8 @@ def sample_outputs(folder: Path) -> dict:
 
 # ---- codebook builds on the tiny model ----------------------------------------------------------------
 
+# the released LLaVA-1.5 preset scaled to the tiny model; its probe text is the chat template's (the tiny
+# word-level vocabulary lacks most words of the official English probe text)
 TINY_BUILD_SETTINGS = dict(jsd_thres=4e-4, per_image_clusters=4, per_image_max_size=8, global_clusters=3, min_images=1,
                            batch_size=16)
 
@@ -184,6 +187,7 @@ def same_codebook(a: Path, b: Path) -> bool:
 
 
 def build_settings(**changes):
+    """The tiny build settings (``prompt_text`` unset: the chat template) with ``changes``."""
     from lmms_eval_redundancy.codebook.builder import load_settings
 
-    return load_settings("llava15", **{**TINY_BUILD_SETTINGS, **changes})
+    return dataclasses.replace(load_settings("llava15", **TINY_BUILD_SETTINGS), **{"prompt_text": None, **changes})

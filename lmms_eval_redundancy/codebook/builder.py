@@ -50,13 +50,18 @@ class BuildSettings:
     global_clusters: int
     min_images: int
     prompt: str = "What does this image show? You must provide a single word that best describes the image."
+    # the exact probe text, "<image>" where the visual tokens go; unset: ``prompt`` in the checkpoint's chat template
+    prompt_text: str | None = None
     divergence: str = "jsd_topk"  # or "jsd" (standard Jensen-Shannon)
     divergence_topk: int = 10
     probe_topk: int = 50
     context_weight: float = 1.0
     global_weight: float = 16.0
-    skip_article: bool = False  # the official code skips a leading "A" before reading the first token
+    # when the first answer token is an article, read the next token's distribution instead (every probe kind);
+    # articles are matched with or without the tokenizer's word-start marker ("A" and "▁A")
+    skip_article: bool = False
     articles: tuple[str, ...] = ("A",)
+    pad_token_id: int | None = None  # whose input embedding stands in for removed tokens; unset: the tokenizer's pad
     knn: int = 5
     seed: int = 0
     batch_size: int = 64
@@ -110,6 +115,30 @@ def list_images(source: str | Path, limit: int | None = None) -> list[tuple[str,
     return items[:limit] if limit else items
 
 
+WORD_START_MARKERS = ("\u2581", "\u0120")  # sentencepiece "▁", byte-level BPE "Ġ"
+
+
+def article_ids(tokenizer, articles: tuple[str, ...]) -> list[int]:
+    """Vocabulary ids of the tokens that are one of ``articles``, with or without a word-start marker."""
+    def bare(token: str) -> str:
+        for marker in WORD_START_MARKERS:
+            token = token.removeprefix(marker)
+        return token
+
+    return sorted(i for token, i in tokenizer.get_vocab().items() if bare(token) in articles)
+
+
+def probe_text(processor, settings: BuildSettings) -> str:
+    """The text a probe feeds the model, the processor's image token where the visual tokens go."""
+    image_token = getattr(processor, "image_token", "<image>")
+    if settings.prompt_text is not None:
+        if settings.prompt_text.count("<image>") != 1:
+            raise BuildError("prompt_text must contain <image> exactly once (where the visual tokens go)")
+        return settings.prompt_text.replace("<image>", image_token)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": settings.prompt}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
 class Prober:
     """Runs the probes of one image through one LLaVA-family model, batched."""
 
@@ -118,18 +147,16 @@ class Prober:
         self.embed = model.get_input_embeddings()
         self.device = next(model.parameters()).device
         tokenizer = processor.tokenizer
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": settings.prompt}]}]
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        image_token = getattr(processor, "image_token", "<image>")
-        before, _, after = prompt.partition(image_token)
+        before, _, after = probe_text(processor, settings).partition(getattr(processor, "image_token", "<image>"))
         # as the processor tokenizes the whole prompt: special tokens (e.g. BOS) at the start only
         prefix = tokenizer(before).input_ids
         suffix = tokenizer(after, add_special_tokens=False).input_ids
+        pad_id = tokenizer.pad_token_id if settings.pad_token_id is None else settings.pad_token_id
         with torch.no_grad():
             self.prefix = self.embed(torch.tensor(prefix, device=self.device))[None]
             self.suffix = self.embed(torch.tensor(suffix, device=self.device))[None]
-            self.pad = self.embed(torch.tensor([tokenizer.pad_token_id], device=self.device))[0]
-        self.article_ids = [tokenizer.convert_tokens_to_ids(a) for a in settings.articles]
+            self.pad = self.embed(torch.tensor([pad_id], device=self.device))[0]
+        self.article_ids = article_ids(tokenizer, settings.articles)
         self.forward_passes = 0
 
     @torch.no_grad()
@@ -173,12 +200,12 @@ class Prober:
         context = tokens[windows]  # [N, 9, D]
         without_centre = context.clone()
         without_centre[torch.arange(len(tokens)), centre] = self.pad
-        context_logits = self.first_token_logits(torch.cat([context, without_centre]))
+        context_logits = self.first_token_logits(torch.cat([context, without_centre]), skip_article=s.skip_article)
         j_context = compare(context_logits[: len(tokens)], context_logits[len(tokens):])
-        full = self.first_token_logits(tokens[None])
+        full = self.first_token_logits(tokens[None], skip_article=s.skip_article)
         masked = tokens[None].repeat(len(tokens), 1, 1)
         masked[torch.arange(len(tokens))[:, None], windows] = self.pad
-        j_global = compare(full.expand(len(tokens), -1), self.first_token_logits(masked))
+        j_global = compare(full.expand(len(tokens), -1), self.first_token_logits(masked, skip_article=s.skip_article))
         return {"p_max": p_max.cpu(), "j_context": j_context.cpu(), "j_global": j_global.cpu()}
 
 

@@ -77,21 +77,31 @@ def _coerce(value, annotation, key: str):
     raise MethodError(f"{key}={value!r} is not a valid {annotation.__name__}")
 
 
-def build_method(name: str, budget: Budget, **raw_params):
-    """Instantiate a registered method, checking parameter names, types and the budget kind."""
+def build_method(name: str, budget: Budget, faithful: bool = False, **raw_params):
+    """Instantiate a registered method, checking parameter names, types, choices and the budget kind.
+
+    ``faithful``: parameters not given take their ``official`` value (the official code's behaviour).
+    """
     cls = method_class(name)
     if budget.kind not in cls.budgets + ("all",):
         allowed = ", ".join(f"{b}=" for b in cls.budgets) or "no budget"
         raise MethodError(f"method {name!r} does not accept a {budget.kind}= budget; it accepts {allowed}")
     hints = typing.get_type_hints(cls.Params)
-    known = {f.name for f in dataclasses.fields(cls.Params)}
-    unknown = sorted(set(raw_params) - known)
+    fields = {f.name: f for f in dataclasses.fields(cls.Params)}
+    unknown = sorted(set(raw_params) - set(fields))
     if unknown:
         raise MethodError(
             f"unknown parameter(s) {', '.join(unknown)} for method {name!r}; "
-            f"its parameters are: {', '.join(sorted(known)) or 'none'}"
+            f"its parameters are: {', '.join(sorted(fields)) or 'none'}"
         )
-    params = cls.Params(**{k: _coerce(v, hints[k], k) for k, v in raw_params.items()})
+    if faithful:
+        raw_params = {**{k: f.metadata["official"] for k, f in fields.items() if "official" in f.metadata}, **raw_params}
+    values = {k: _coerce(v, hints[k], k) for k, v in raw_params.items()}
+    for key, value in values.items():
+        choices = fields[key].metadata.get("choices")
+        if choices and value not in choices:
+            raise MethodError(f"{key}={value!r} is not one of {', '.join(choices)} (method {name!r})")
+    params = cls.Params(**values)
     method = cls(params=params, budget=budget)
     method.validate()
     return method

@@ -39,10 +39,14 @@ def prune_visual(visual: PackedVisual, method, key: str, anyres: str = "full",
     features = visual.features
     newlines_before = int(visual.newline.sum())
     records = []
+    per_view = anyres == "per_view" and visual.base is not None
     for index, (positions, grid) in enumerate(zip(units, grids)):
-        unit_key = f"{key}/{visual.kind}{index}"
-        scores = None if visual.scores is None else visual.scores[positions]
-        selection = method.select_unit(VisualUnit(visual.features[positions], key=unit_key, grid=grid, scores=scores))
+        unit = VisualUnit(visual.features[positions], key=f"{key}/{visual.kind}{index}", grid=grid,
+                          scores=None if visual.scores is None else visual.scores[positions])
+        if per_view and visual.tile_scores is not None:
+            unit.view_scores = visual.tile_scores[int(visual.views[positions[0]].round())]
+            unit.view_patches = visual.patches[positions].round().long()
+        selection = method.select_unit(unit)
         kept = positions[selection.keep]
         keep_mask[kept] = True
         if selection.features is not None:

@@ -23,6 +23,8 @@ class PackedVisual:
     base: torch.Tensor | None = None
     scores: torch.Tensor | None = None  # [L] vision attention scores aligned to ``features`` (NaN at newlines)
     views: torch.Tensor | None = None  # [L] anyres view of each token (0 = base view; NaN at newlines)
+    patches: torch.Tensor | None = None  # [L] each token's patch within its view (NaN at newlines)
+    tile_scores: torch.Tensor | None = None  # [views, patches] scores of every patch of every view, padding included
 
     @property
     def length(self) -> int:
@@ -36,13 +38,17 @@ class VisualUnit:
     ``features`` are post-projector tokens ``[N, D]`` with newline tokens already removed; ``key``
     identifies the unit across runs (used to seed random choices); ``grid`` is the (rows, cols) of
     the token grid when the unit is a plain raster (``None`` for packed anyres sequences); ``scores``
-    are per-token vision-tower attention scores for methods that ask for them.
+    are per-token vision-tower attention scores for methods that ask for them. When the unit is one anyres
+    view, ``view_scores`` are the scores of all the view's patches (padding included) and ``view_patches``
+    the patch each unit token came from.
     """
 
     features: torch.Tensor
     key: str
     grid: tuple[int, int] | None = None
     scores: torch.Tensor | None = None
+    view_scores: torch.Tensor | None = None
+    view_patches: torch.Tensor | None = None
 
 
 @dataclass

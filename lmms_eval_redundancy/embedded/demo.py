@@ -57,7 +57,7 @@ def sweep_spec(out_dir: Path, tasks_dir: Path, batch_size: int) -> dict:
 def run(out_dir: str | Path = "results", batch_size: int = 16) -> dict:
     """Sweep every method over the shapes tasks on ``builtin:shapes``, then print and write the comparison."""
     from lmms_eval_redundancy.tools.compare import compare, markdown
-    from lmms_eval_redundancy.tools.sweep import load_sweep, run_sweep
+    from lmms_eval_redundancy.tools.sweep import failure_report, load_sweep, run_sweep
 
     out_dir = Path(out_dir).resolve()
     tasks_dir = write_local_tasks(out_dir / "tasks")
@@ -68,4 +68,6 @@ def run(out_dir: str | Path = "results", batch_size: int = 16) -> dict:
     for table in tables.values():
         print(markdown(table))
     print(f"sweep: ran {counts['ran']} cells ({counts['already_done']} already done); tables and plots in {out_dir / 'compare'}")
+    if counts["failed"]:
+        raise SystemExit(failure_report(counts["failed"]))
     return tables

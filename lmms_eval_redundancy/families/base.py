@@ -79,15 +79,17 @@ class Family:
         raise NotImplementedError(f"{self.name} has no native video input")
 
     def attach_views(self, grouped: list[list[PackedVisual]], inputs) -> None:
-        """Label each token of every anyres image with the view (base, crop 1, ...) it came from."""
+        """Label each token of every anyres image with the view (base, crop 1, ...) and the patch it came from."""
         images = [v for sample in grouped for v in sample if v.kind == "image"]
         if not images:
             return
-        side = self.patch_grid
-        index_map = torch.cat([torch.arange(n, dtype=torch.float32)[:, None].expand(n, side * side)
-                               for n in self.tiles_per_image(inputs)])
-        for visual, views in zip(images, self.image_scores(index_map.to(images[0].features.device), inputs)):
-            visual.views = views
+        patches, device = self.patch_grid ** 2, images[0].features.device
+        tiles = self.tiles_per_image(inputs)
+        view_map = torch.cat([torch.arange(n, dtype=torch.float32)[:, None].expand(n, patches) for n in tiles])
+        patch_map = torch.arange(patches, dtype=torch.float32).repeat(sum(tiles), 1)
+        views, patch_ids = self.image_scores(view_map.to(device), inputs), self.image_scores(patch_map.to(device), inputs)
+        for visual, view, patch in zip(images, views, patch_ids):
+            visual.views, visual.patches = view, patch
 
     def attach_scores(self, grouped: list[list[PackedVisual]], captured: list[torch.Tensor], inputs) -> None:
         """Give each visual its scores; ``captured`` holds one tensor per vision forward (images, then videos)."""
@@ -96,8 +98,12 @@ class Family:
         for kind, align in (("image", self.image_scores), ("video", self.video_scores)):
             of_kind = [v for v in visuals if v.kind == kind]
             if of_kind:
-                for visual, scores in zip(of_kind, align(captured.pop(0), inputs)):
+                tile_scores = captured.pop(0)
+                for visual, scores in zip(of_kind, align(tile_scores, inputs)):
                     visual.scores = scores
+                if kind == "image":
+                    for visual, tiles in zip(of_kind, tile_scores.split(self.tiles_per_image(inputs))):
+                        visual.tile_scores = tiles
 
     def encode(self, inputs, images_per_sample: list[int], videos_per_sample: list[int]) -> list[list[PackedVisual]]:
         """All visuals of the batch, grouped per sample in placeholder order."""

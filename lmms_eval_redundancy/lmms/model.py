@@ -46,7 +46,8 @@ class LlavaRedundancy(lmms):
     """LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision with a pruning ``method`` at a budget.
 
     model_args: ``pretrained`` (a checkpoint folder or hub id), ``method`` and its parameters, one budget
-    (``retention=``, ``tokens=`` or ``threshold=``), ``anyres=full|base_only``, ``log_keep_indices``,
+    (``retention=``, ``tokens=`` or ``threshold=``), ``anyres=full|base_only|per_view``, ``faithful`` (every
+    parameter not given takes the value that reproduces the method's official code), ``log_keep_indices``,
     and the usual ``device``, ``dtype``, ``attn_implementation``, ``device_map``, ``batch_size``,
     ``max_frames_num``, ``chat_template``, ``revision``, ``output_dir`` (where the token summary goes;
     default: lmms-eval's ``--output_path``).
@@ -62,6 +63,7 @@ class LlavaRedundancy(lmms):
         tokens: int | None = None,
         threshold: float | None = None,
         anyres: str = "full",
+        faithful: bool = False,
         log_keep_indices: bool = False,
         device: str | None = None,
         dtype: str | None = "auto",
@@ -79,7 +81,7 @@ class LlavaRedundancy(lmms):
         super().__init__()
         self._check_keys(method, method_params)
         budget = parse_budget(retention, tokens, threshold) or KEEP_ALL
-        pruning = build_method(str(method), budget, **method_params)
+        pruning = build_method(str(method), budget, faithful=bool(faithful), **method_params)
         self.accelerator = Accelerator()
         layout = process_layout(self.accelerator)
         self._rank, self._world_size = layout.rank, layout.world_size

@@ -19,13 +19,20 @@ from lmms_eval_redundancy.core.registry import PATHS_KEY, MethodError, Stage, re
 from lmms_eval_redundancy.core.timing import Stopwatch
 from lmms_eval_redundancy.core.visuals import Selection, VisualUnit
 
-__all__ = ["BeforeLLM", "InsideLLM", "MethodError", "NoParams", "PruningMethod", "Selection", "VisualUnit", "file_param",
-           "register"]
+__all__ = ["BeforeLLM", "InsideLLM", "MethodError", "NoParams", "PruningMethod", "Selection", "VisualUnit", "choice_param",
+           "file_param", "register"]
 
 
-def file_param(help_text: str = ""):
+def file_param():
     """A ``Params`` field holding a file path: settings record the file by content (``content_id``), not by path."""
-    return field(default="", metadata={"file": True, "help": help_text})
+    return field(default="", metadata={"file": True})
+
+
+def choice_param(default: str, choices: tuple[str, ...], official: str | None = None):
+    """A ``Params`` field taking one of ``choices``; ``official`` is the value ``faithful=true`` selects
+    (the behaviour of the method's official code, where the project's default differs)."""
+    metadata = {"choices": choices, **({"official": official} if official is not None else {})}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass

@@ -5,6 +5,11 @@ with ``s < t`` (at least the lowest-scoring one per image); ``ratio`` keeps the 
 ``tokens=k``) tokens with the smallest ``s``; ``double_softmax`` (the official multi-image and video rule)
 scores ``max_p softmax_N(A) * softmax_P(A)`` of the cosine matrix ``A`` and keeps the
 ``N - round(N * (1 - r))`` lowest-scoring tokens. Video is pruned per frame by the engine.
+
+``ties=strict`` is the official double-softmax cut: drop the ``m = N - k`` highest scores and every score
+equal to the ``m``-th highest, so ties at the cut drop extra tokens (at least one token is kept, as a
+floor). ``precision=model`` scores in the features' dtype (the model's, fp16 in the official runs) instead
+of float32.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from lmms_eval_redundancy.methods.base import (
     MethodError,
     Selection,
     VisualUnit,
+    choice_param,
     file_param,
     register,
 )
@@ -27,18 +33,21 @@ from lmms_eval_redundancy.methods.base import (
 VARIANTS = ("threshold", "ratio", "double_softmax")
 
 
-def redundancy_scores(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """``[N]`` max cosine similarity of each token to the prototypes (computed in float32)."""
-    f = torch.nn.functional.normalize(features.float(), dim=-1)
-    c = torch.nn.functional.normalize(prototypes.to(f.device).float(), dim=-1)
-    return (f @ c.T).max(dim=-1).values
+def cosines(features: torch.Tensor, prototypes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[N, P]`` cosine similarities, both sides normalised and multiplied in ``dtype``."""
+    f = torch.nn.functional.normalize(features.to(dtype), dim=-1)
+    c = torch.nn.functional.normalize(prototypes.to(f.device, dtype), dim=-1)
+    return f @ c.T
 
 
-def double_softmax_scores(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+def redundancy_scores(features: torch.Tensor, prototypes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[N]`` max cosine similarity of each token to the prototypes (computed in ``dtype``)."""
+    return cosines(features, prototypes, dtype).max(dim=-1).values
+
+
+def double_softmax_scores(features: torch.Tensor, prototypes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``[N]``: max over prototypes of softmax-over-tokens times softmax-over-prototypes of the cosines."""
-    f = torch.nn.functional.normalize(features.float(), dim=-1)
-    c = torch.nn.functional.normalize(prototypes.to(f.device).float(), dim=-1)
-    cosine = f @ c.T
+    cosine = cosines(features, prototypes, dtype)
     return (cosine.softmax(dim=0) * cosine.softmax(dim=1)).max(dim=-1).values
 
 
@@ -60,6 +69,15 @@ def keep_below(scores: torch.Tensor, threshold: float) -> tuple[torch.Tensor, bo
 def keep_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k`` lowest-scoring indices (ties to the lower index), sorted."""
     return torch.sort(scores, stable=True).indices[:k].sort().values
+
+
+def keep_strictly_below_cut(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, bool]:
+    """The official tie rule: indices scoring strictly below the ``N - k``-th highest score (all when
+    ``k = N``); if that leaves none, the lowest-scoring index. Returns (keep, floor_hit)."""
+    drop = scores.numel() - k
+    if drop <= 0:
+        return torch.arange(scores.numel(), device=scores.device), False
+    return keep_below(scores, float(scores.topk(drop).values[-1]))
 
 
 def select(features, prototypes, *, threshold=None, retention=None, tokens=None, variant="threshold") -> torch.Tensor:
@@ -85,8 +103,10 @@ class CodebookPruning(BeforeLLM):
 
     @dataclass
     class Params:
-        codebook: str = file_param("a codebook .safetensors, or a paper release .pt")
+        codebook: str = file_param()  # a codebook .safetensors, or a paper release .pt
         variant: str = ""  # default from the budget: threshold= -> "threshold", retention=/tokens= -> "ratio"
+        ties: str = choice_param("count", ("count", "strict"), official="strict")  # double_softmax's cut
+        precision: str = choice_param("float32", ("float32", "model"), official="model")  # scoring dtype
 
     def validate(self) -> None:
         if not self.params.codebook:
@@ -111,7 +131,10 @@ class CodebookPruning(BeforeLLM):
     def attach(self, model, family) -> None:
         codebook = load_codebook(self.params.codebook)
         codebook.check_hidden_size(model.config.text_config.hidden_size)
-        self.prototypes = torch.nn.functional.normalize(codebook.prototypes.float(), dim=-1)
+        if self.params.precision == "model":  # as officially: the stored rows in the model's dtype, normalised there
+            self.prototypes, self.dtype = codebook.prototypes, None
+        else:
+            self.prototypes, self.dtype = torch.nn.functional.normalize(codebook.prototypes.float(), dim=-1), torch.float32
 
     def settings(self) -> dict:
         extra = {"prototypes": None if self.prototypes is None else int(self.prototypes.shape[0])}
@@ -120,11 +143,14 @@ class CodebookPruning(BeforeLLM):
     def select_unit(self, unit: VisualUnit) -> Selection:
         if self.prototypes.device != unit.features.device:
             self.prototypes = self.prototypes.to(unit.features.device)
-        n = unit.features.shape[0]
+        n, dtype = unit.features.shape[0], self.dtype or unit.features.dtype
         if self.params.variant == "double_softmax":
-            scores = double_softmax_scores(unit.features, self.prototypes)
-            return Selection(keep_lowest(scores, double_softmax_keep_count(n, self.budget)))
-        scores = redundancy_scores(unit.features, self.prototypes)
+            scores = double_softmax_scores(unit.features, self.prototypes, dtype)
+            k = double_softmax_keep_count(n, self.budget)
+            if self.params.ties == "strict":
+                return Selection(*keep_strictly_below_cut(scores, k))
+            return Selection(keep_lowest(scores, k))
+        scores = redundancy_scores(unit.features, self.prototypes, dtype)
         if self.params.variant == "threshold":
             keep, floor_hit = keep_below(scores, self.budget.value)
             return Selection(keep, floor_hit)

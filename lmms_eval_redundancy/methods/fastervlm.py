@@ -5,15 +5,27 @@ encoder layer whose output LLaVA reads (``vision_feature_layer``). SigLIP towers
 [CLS]; there the score is the mean attention the patch receives from all queries. Only that one row
 (or column mean) is computed, from the layer's own query/key projections, by a forward pre-hook on
 that layer's attention module instance; the rest of the model keeps its attention implementation.
+
+With ``anyres=per_view`` each view (base, each crop) gets the budget. ``per_view_topk=unpadded`` (default)
+picks ``k`` among the view's tokens that survive unpadding; ``full_view`` is the official rule: the top
+``k`` of all the view's patches, padding included, of which only the unpadded ones remain (so a crop can
+keep fewer than ``k``).
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
-from lmms_eval_redundancy.methods.base import BeforeLLM, Selection, VisualUnit, register
+from lmms_eval_redundancy.methods.base import (
+    BeforeLLM,
+    Selection,
+    VisualUnit,
+    choice_param,
+    register,
+)
 
 
 def attention_scores(query: torch.Tensor, keys: torch.Tensor, scale: float, has_cls: bool) -> torch.Tensor:
@@ -28,9 +40,18 @@ def attention_scores(query: torch.Tensor, keys: torch.Tensor, scale: float, has_
     return probs.mean(dim=(1, 2))
 
 
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted indices of the ``k`` highest scores (ties to the lower index)."""
+    return torch.sort(scores, descending=True, stable=True).indices[:k].sort().values
+
+
 @register
 class FasterVLM(BeforeLLM):
     name = "fastervlm"
+
+    @dataclass
+    class Params:
+        per_view_topk: str = choice_param("unpadded", ("unpadded", "full_view"), official="full_view")
 
     def attach(self, model, family) -> None:
         self.family = family
@@ -63,6 +84,7 @@ class FasterVLM(BeforeLLM):
         return {**super().settings(), "vision_layer": self.layer, "score": self.score_kind}
 
     def select_unit(self, unit: VisualUnit) -> Selection:
-        k = self.budget.keep_count(unit.features.shape[0])
-        order = torch.sort(unit.scores, descending=True, stable=True).indices
-        return Selection(order[:k].sort().values)
+        if self.params.per_view_topk == "full_view" and unit.view_scores is not None:
+            picks = top_k(unit.view_scores, self.budget.keep_count(unit.view_scores.numel()))
+            return Selection(torch.nonzero(torch.isin(unit.view_patches, picks)).flatten())
+        return Selection(top_k(unit.scores, self.budget.keep_count(unit.features.shape[0])))

@@ -100,7 +100,7 @@ class FastV(InsideLLM):
         self.float_mask = implementation == "eager"
         self.hook(layers[self.params.fastv_k - 1].self_attn.register_forward_pre_hook(self._select, with_kwargs=True))
         for index in range(self.params.fastv_k, len(layers)):
-            hook = self._prune_layer_inputs(index == self.params.fastv_k)
+            hook = self._prune_layer_inputs(index)
             self.hook(layers[index].register_forward_pre_hook(hook, with_kwargs=True))
 
     def settings(self) -> dict:
@@ -135,7 +135,10 @@ class FastV(InsideLLM):
         state.gather, is_kept = rectangular(kept, state.valid.shape[1])
         state.gathered_valid = is_kept & state.valid.gather(1, state.gather)
 
-    def _prune_layer_inputs(self, first_pruned_layer: bool):
+    def _prune_layer_inputs(self, layer_index: int):
+        """A pre-hook for decoder layer ``layer_index`` (>= K): kept positions only, a mask over kept keys."""
+        first_pruned_layer = layer_index == self.params.fastv_k
+
         def hook(module, args, kwargs):
             state = self.state
             if state is None or state.gather is None:
@@ -146,7 +149,7 @@ class FastV(InsideLLM):
                 if first_pruned_layer:
                     hidden_states = hidden_states.gather(1, index[..., None].expand(-1, -1, hidden_states.shape[-1]))
                 self.family.gather_positions(kwargs, index)
-            kwargs["attention_mask"] = self._mask(hidden_states, kwargs.get("past_key_values"), module.self_attn.layer_idx)
+            kwargs["attention_mask"] = self._mask(hidden_states, kwargs.get("past_key_values"), layer_index)
             return (hidden_states,), kwargs
 
         return hook

@@ -49,15 +49,9 @@ def tile_images(processor, pixel_values: torch.Tensor) -> list[np.ndarray]:
 
 def token_origins(family, inputs, visual) -> torch.Tensor:
     """``[L, 2]`` (tile, patch) each packed token came from; -1 at newlines."""
-    side = family.patch_grid
-    tiles = family.tiles_per_image(inputs)[0]
-    index = torch.arange(tiles * side * side, dtype=torch.float32).view(tiles, side * side)
-    packed = family.image_scores(index, inputs)[0]
-    origin = torch.full((visual.length, 2), -1, dtype=torch.long)
-    valid = ~torch.isnan(packed)
-    flat = packed[valid].round().long()
-    origin[valid] = torch.stack([flat // (side * side), flat % (side * side)], dim=1)
-    return origin
+    family.attach_views([[visual]], inputs)
+    origin = torch.stack([visual.views, visual.patches], dim=1).cpu()
+    return torch.where(torch.isnan(origin), -1, origin.round()).long()
 
 
 def kept_positions(wrapper, image: Image.Image) -> tuple[object, object, torch.Tensor, dict]:

@@ -132,36 +132,58 @@ def command(sweep: Sweep, cell: Cell) -> list[str]:
     return [sys.executable] + arguments
 
 
-def run_cell(sweep: Sweep, cell: Cell, env: dict | None = None) -> bool:
-    """Run one cell unless it is done; returns True if it ran. A half-written folder is cleared first."""
+def write_atomically(path: Path, record: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+
+
+def run_cell(sweep: Sweep, cell: Cell, env: dict | None = None) -> str:
+    """Run one cell unless it is done: ``"done"`` (already), ``"ran"`` or ``"failed"``.
+
+    A half-written or failed folder is cleared first. A failure leaves ``failed.json`` (exit code, log) and
+    the cell's log; a rerun of the sweep tries the cell again.
+    """
     if cell.done:
-        return False
+        return "done"
     if cell.folder.exists():
         shutil.rmtree(cell.folder)
     cell.folder.mkdir(parents=True)
     line = command(sweep, cell)
+    record = {"model": cell.model, "pretrained": cell.pretrained, "method": cell.method, "params": dict(cell.params),
+              "tasks": cell.tasks, "command": shlex.join(line)}
     with open(cell.folder / "log.txt", "w") as log:
         done = subprocess.run(line, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     results = sorted(cell.folder.glob("*/*_results.json"))
     if done.returncode != 0 or not results:
-        raise RuntimeError(f"cell failed ({cell.label}); see {cell.folder / 'log.txt'}")
-    record = {"model": cell.model, "pretrained": cell.pretrained, "method": cell.method, "params": dict(cell.params),
-              "tasks": cell.tasks, "command": shlex.join(line), "results": [str(r.relative_to(cell.folder)) for r in results]}
-    tmp = cell.folder / "cell.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, cell.folder / "cell.json")
-    return True
+        write_atomically(cell.folder / "failed.json", {**record, "returncode": done.returncode, "log": "log.txt"})
+        return "failed"
+    write_atomically(cell.folder / "cell.json", {**record, "results": [str(r.relative_to(cell.folder)) for r in results]})
+    return "ran"
 
 
 def run_sweep(sweep: Sweep, only: int | None = None, env: dict | None = None) -> dict:
-    """Run every missing cell (or cell number ``only``) with a progress bar; returns counts."""
+    """Run every missing cell (or cell number ``only``) with a progress bar, going on past failures.
+
+    Returns ``{"ran": n, "already_done": n, "failed": [cell, ...]}``.
+    """
     cells = sweep.cells if only is None else [sweep.cells[only]]
-    counts = {"ran": 0, "already_done": 0}
+    counts = {"ran": 0, "already_done": 0, "failed": []}
     progress = tqdm(cells, desc="sweep cells", unit="cell")
     for cell in progress:
         progress.set_postfix_str(cell.label[-60:])
-        counts["ran" if run_cell(sweep, cell, env) else "already_done"] += 1
+        status = run_cell(sweep, cell, env)
+        if status == "failed":
+            counts["failed"].append(cell)
+            progress.write(f"cell failed: {cell.label}; see {cell.folder / 'log.txt'}")
+        else:
+            counts["ran" if status == "ran" else "already_done"] += 1
     return counts
+
+
+def failure_report(failed: list[Cell]) -> str:
+    """What to print when cells failed: each cell and its log."""
+    return f"{len(failed)} cell(s) failed:\n" + "\n".join(f"  {c.label}: {c.folder / 'log.txt'}" for c in failed)
 
 
 def dry_run(sweep: Sweep) -> str:

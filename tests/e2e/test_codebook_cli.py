@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import LLAVA15_PT, REPO, release_file, same_codebook
 from conftest import TINY_BUILD_SETTINGS as TINY_SETTINGS
 from conftest import build_settings as settings
@@ -36,7 +37,7 @@ def build_command(model, images, out, settings_file, processes=1):
 @pytest.fixture()
 def settings_file(tmp_path) -> Path:
     path = tmp_path / "settings.yaml"
-    path.write_text("preset: llava15\n" + "".join(f"{k}: {v}\n" for k, v in {**TINY_SETTINGS, "batch_size": 1}.items()))
+    path.write_text(yaml.safe_dump({"preset": "llava15", **TINY_SETTINGS, "batch_size": 1, "prompt_text": None}))
     return path
 
 

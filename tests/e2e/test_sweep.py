@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -27,6 +29,7 @@ def swept(tiny_models, local_tasks, tmp_path_factory):
     }
     (root / "spec.yaml").write_text(yaml.safe_dump(spec))
     sweep = load_sweep(root / "spec.yaml")
+    sweep.spec = spec
     first = [run_sweep(sweep, only=i) for i in (0, 2)]
     sweep.cells[1].folder.mkdir(parents=True)
     (sweep.cells[1].folder / "partial_results.json").write_text("{")
@@ -36,8 +39,8 @@ def swept(tiny_models, local_tasks, tmp_path_factory):
 
 def test_an_interrupted_sweep_completes_only_the_missing_cells(swept):
     sweep, first, counts = swept
-    assert first == [{"ran": 1, "already_done": 0}] * 2
-    assert counts == {"ran": 2, "already_done": 2}
+    assert first == [{"ran": 1, "already_done": 0, "failed": []}] * 2
+    assert counts == {"ran": 2, "already_done": 2, "failed": []}
     assert all(cell.done for cell in sweep.cells)
     assert not (sweep.cells[1].folder / "partial_results.json").exists()
 
@@ -69,3 +72,17 @@ def test_compare_tables_match_the_results_files(swept):
     # the random model scores 0 everywhere, so "% of unpruned" is undefined: shown as missing, never as zero
     assert table["% of unpruned (mean)"].isna().all()
     assert "| —" in (out / "llava.md").read_text() and ",," in (out / "llava.csv").read_text().replace(",\n", ",,\n")
+
+
+def test_a_failing_cell_is_recorded_the_others_run_and_the_sweep_exits_non_zero_naming_it(swept, tmp_path):
+    sweep, _, _ = swept
+    spec = {**sweep.spec, "methods": [{"method": "random", "seed": "abc", "budgets": {"retention": [0.5]}},
+                                      {"method": "random", "budgets": {"retention": [0.25]}}]}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    done = subprocess.run([sys.executable, "-m", "lmms_eval_redundancy.cli", "sweep", str(tmp_path / "spec.yaml")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "1 cell(s) failed" in done.stderr and "random seed=abc retention=0.5" in done.stderr
+    assert "sweep: ran 0 cells, 2 were already done" in done.stdout  # the reference and random 0.25 from before
+    failing = load_sweep(tmp_path / "spec.yaml").cells[1]
+    assert not failing.done and json.loads((failing.folder / "failed.json").read_text())["returncode"] is not None

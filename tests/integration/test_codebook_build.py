@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import build_settings as settings
 from conftest import same_codebook
 
@@ -41,3 +42,53 @@ def test_unsupported_model_is_refused(training_images, tmp_path):
     BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(tmp_path / "bert")
     with pytest.raises(UnsupportedModelError):
         build_codebook(str(tmp_path / "bert"), training_images, tmp_path / "out", settings())
+
+
+# ---- the probe settings: article skip on every probe kind, pad embedding, exact prompt text -------------
+
+def prober(tiny_models, **changes):
+    from lmms_eval_redundancy.codebook.builder import Prober
+    from lmms_eval_redundancy.runtime.loading import load
+
+    loaded = load(str(tiny_models["llava"]), device="cpu")
+    return Prober(loaded.model, loaded.processor, loaded.family, settings(**changes))
+
+
+def test_an_article_first_token_is_skipped_by_reading_the_next_token(tiny_models):
+    plain = prober(tiny_models, skip_article=False)
+    tokens = torch.randn(3, 1, plain.embed.weight.shape[1])
+    first = plain.first_token_logits(tokens).argmax(-1)
+    word = plain.processor.tokenizer.convert_ids_to_tokens(int(first[0]))
+    skipping = prober(tiny_models, skip_article=True, articles=(word,))
+    assert skipping.article_ids == [int(first[0])]
+    skipped = skipping.first_token_logits(tokens, skip_article=True)
+    for row in range(3):  # the official rule: the greedy next step after the article
+        embeds = torch.cat([plain.prefix[0], tokens[row], plain.suffix[0]])
+        if first[row] == first[0]:
+            embeds = torch.cat([embeds, plain.embed(first[row:row + 1])])
+        with torch.no_grad():
+            expected = plain.model(inputs_embeds=embeds[None]).logits[0, -1]
+        torch.testing.assert_close(skipped[row], expected.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_every_probe_kind_skips_the_article(tiny_models, monkeypatch):
+    probe = prober(tiny_models, skip_article=True)
+    calls = []
+    original = probe.first_token_logits
+    monkeypatch.setattr(probe, "first_token_logits", lambda visual, skip_article=False: calls.append(skip_article)
+                        or original(visual, skip_article))
+    probe.probe(torch.randn(16, probe.embed.weight.shape[1]), (4, 4))
+    assert calls == [True, True, True, True]  # single tokens, context windows, the full image, the padded images
+
+
+def test_pad_embedding_and_prompt_text_are_the_settings(tiny_models):
+    probe = prober(tiny_models, pad_token_id=5, prompt_text="user : <image> what color ? assistant :")
+    torch.testing.assert_close(probe.pad, probe.embed.weight[5])
+    tokenizer = probe.processor.tokenizer
+    torch.testing.assert_close(probe.prefix[0], probe.embed(torch.tensor(tokenizer("user : ").input_ids)))
+    torch.testing.assert_close(probe.suffix[0], probe.embed(torch.tensor(
+        tokenizer(" what color ? assistant :", add_special_tokens=False).input_ids)))
+    default = prober(tiny_models, pad_token_id=None, prompt_text=None)
+    torch.testing.assert_close(default.pad, default.embed.weight[tokenizer.pad_token_id])
+    with pytest.raises(BuildError, match="exactly once"):
+        prober(tiny_models, prompt_text="no image here")

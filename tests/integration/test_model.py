@@ -205,3 +205,24 @@ def test_anyres_per_view_gives_each_view_its_own_budget(tiny_models, family):
     units = w.ledger.samples[0]["units"]
     assert [(u["unit"], u["before"], u["after"]) for u in units] == [(0, 16, 4)] + [(i, 12, 4) for i in range(1, 5)]
     assert units[0]["newlines_after"] == units[0]["newlines_before"] > 0
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_faithful_per_view_takes_the_top_k_of_each_full_view_then_drops_padding(tiny_models, family):
+    w = wrapper(tiny_models[family], method="fastervlm", tokens=4, anyres="per_view", faithful=True, log_keep_indices=True)
+    assert w.engine.settings()["per_view_topk"] == "full_view"
+    doc = {"question": "what is it ?", "visuals": [image(64, 40, 3)]}
+    w.generate_until(requests_for(w, [doc]))
+    units = w.ledger.samples[0]["units"]
+    assert [(u["unit"], u["before"]) for u in units] == [(0, 16)] + [(i, 12) for i in range(1, 5)]
+    assert units[0]["after"] == 4 and all(u["after"] <= 4 for u in units)  # the base view has no padding
+    inputs = w.processor(text=[w._prompt("q", 1, 0)], images=[doc["visuals"]], return_tensors="pt")
+    with torch.no_grad(), w.engine.method.observing_vision() as captured:
+        (visual,) = w.engine.family.encode(inputs, [1], [0])[0]
+    w.engine.family.attach_views([[visual]], inputs)
+    for unit in units[1:]:  # each crop: what it kept lies within the top 4 of all 16 patches of its view
+        view = captured[0][unit["unit"]]
+        top = set(torch.sort(view, descending=True, stable=True).indices[:4].tolist())
+        positions = torch.nonzero(visual.views.round() == unit["unit"]).flatten()
+        kept_patches = {int(visual.patches[positions[i]]) for i in unit["keep"]}
+        assert kept_patches <= top and len(kept_patches) == unit["after"]

@@ -88,6 +88,33 @@ def test_dpc_knn_is_seeded():
     assert torch.equal(dpc_knn(x, 4, seed=1), dpc_knn(x, 4, seed=1))
 
 
+LLAVA_V1_PROBE = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+                  "detailed, and polite answers to the human's questions. USER: <image>\nWhat does this image show? You "
+                  "must provide a single word that best describes the image. ASSISTANT:")
+
+
+def test_presets_probe_as_the_official_code_does():
+    for preset, pad in (("llava15", 0), ("llavanext", 0), ("llavaov", 151643)):
+        settings = load_settings(preset)
+        assert settings.skip_article and settings.articles == ("A",) and settings.pad_token_id == pad, preset
+    assert load_settings("llava15").prompt_text == LLAVA_V1_PROBE == load_settings("llavanext").prompt_text
+    assert load_settings("llavaov").prompt_text == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nWhat does this image "
+        "show? You must provide a single word that best describes the image.<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_article_tokens_are_found_with_and_without_the_word_start_marker():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from lmms_eval_redundancy.codebook.builder import article_ids
+
+    vocab = {"<unk>": 0, "A": 1, "\u2581A": 2, "\u2581Apple": 3, "a": 4, "\u2581a": 5, "\u0120A": 6, "\u2581The": 7}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>")))
+    assert article_ids(tokenizer, ("A",)) == [1, 2, 6]
+    assert article_ids(tokenizer, ("A", "The")) == [1, 2, 6, 7]
+
+
 def test_presets_hold_the_released_settings():
     assert load_settings("llava15").prob_thres == 0.15 and load_settings("llava15").min_images == 64
     assert load_settings("llavanext").prob_thres == 0.1

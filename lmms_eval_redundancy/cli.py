@@ -160,6 +160,25 @@ def _compare(args) -> None:
     for duplicate in duplicates:
         print(f"duplicate run left out: {duplicate['run']} repeats {', '.join(duplicate['tasks'])} with the same settings "
               f"as {', '.join(duplicate['kept'])}", file=sys.stderr)
+    if args.published:
+        from lmms_eval_redundancy.tools.compare import collect
+        from lmms_eval_redundancy.tools.published import (
+            PUBLISHED,
+            load_published,
+            side_by_side,
+            task_map,
+            write_published,
+        )
+
+        published = load_published(PUBLISHED if args.published == "shipped" else args.published)
+        beside = side_by_side(collect(args.results).frame, published, task_map())
+        for model, (table, notes) in beside.items():
+            print(f"## {model}: our runs and published numbers\n")
+            print(markdown(table))
+            print("\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+        write_published(beside, out)
+        if not beside:
+            print("no run of a checkpoint with published numbers (LLaVA-1.5-7B, LLaVA-NeXT-7B) on a mapped benchmark")
     print(f"tables (.md, .csv, .tex) and plots in {out}")
 
 
@@ -205,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="tables (markdown, CSV, LaTeX) and plots of llava_redundancy runs against unpruned")
     p.add_argument("results", help="a sweep output folder or any folder holding llava_redundancy lmms-eval outputs")
     p.add_argument("--out", help="where to write (default: RESULTS/compare)")
+    p.add_argument("--published", nargs="?", const="shipped", metavar="FILE",
+                   help="also place the runs beside published numbers (default file: the project's own, "
+                        "lmms_eval_redundancy/published/llava_published.csv)")
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("make-tiny", help="build tiny random LLaVA-family checkpoints (offline, for tests and demos)")

@@ -191,3 +191,17 @@ def build_settings(**changes):
     from lmms_eval_redundancy.codebook.builder import load_settings
 
     return dataclasses.replace(load_settings("llava15", **TINY_BUILD_SETTINGS), **{"prompt_text": None, **changes})
+
+
+def record_run(folder: Path, stamp: str, settings: dict, scores: dict[str, float], kept: int = 8) -> None:
+    """A recorded run as lmms-eval and the wrapper leave it: ``<stamp>_results.json`` and ``<stamp>_tokens.json``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    results = {"results": {task: {"alias": task, "exact_match,none": score, "exact_match_stderr,none": 0.0}
+                           for task, score in scores.items()}}
+    (folder / f"{stamp}_results.json").write_text(json.dumps(results))
+    efficiency = {"generate_until": {"prefill_seconds_per_sample": 0.1 * kept, "llm_prefill_flops_per_sample": 100.0 * kept,
+                                     "vision_flops_per_sample": 10.0}}
+    tokens = {"settings": {"pretrained": "tiny", "family": "llava", "stage": "before_llm", "anyres": "full", **settings},
+              "samples": 4, "samples_with_visuals": 4, "visual_tokens_before": 64, "visual_tokens_after": 4 * kept,
+              "efficiency": efficiency}
+    (folder / f"{stamp}_tokens.json").write_text(json.dumps(tokens))

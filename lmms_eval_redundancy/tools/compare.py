@@ -54,8 +54,9 @@ def run_labels(settings: list[dict]) -> list[str]:
 class Run:
     tokens_file: Path
     settings: dict
-    scores: dict[str, float]  # "task (metric)" -> value
+    scores: dict[str, float]  # "task (metric)" -> value of the task's main metric
     tokens: dict
+    metrics: dict[str, dict[str, float]]  # task -> every numeric metric ("metric,filter" keys as lmms-eval writes them)
 
 
 @dataclass
@@ -77,7 +78,9 @@ def read_runs(folder: str | Path) -> list[Run]:
         results = json.loads(results_file.read_text())["results"]
         scores = {f"{task} ({metric[0]})": metric[1] for task, task_results in results.items()
                   if (metric := main_metric(task_results))}
-        runs.append(Run(tokens_file, tokens["settings"], scores, tokens))
+        metrics = {task: {k: v for k, v in task_results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                   for task, task_results in results.items()}
+        runs.append(Run(tokens_file, tokens["settings"], scores, tokens, metrics))
     return sorted(runs, key=lambda run: (run.tokens_file.name, str(run.tokens_file)), reverse=True)
 
 
@@ -99,9 +102,10 @@ def collect(folder: str | Path) -> Collected:
     for runs, label in zip(grouped.values(), labels):
         settings = runs[0].settings
         row = {"model": Path(settings["pretrained"]).name, "pretrained": settings["pretrained"], "run": label,
-               "method": settings["method"], "budget": settings["budget"]}
+               "method": settings["method"], "budget": settings["budget"], "metrics": {}}
         for run in runs:
             row.update(run.scores)
+            row["metrics"].update(run.metrics)
         before = sum(run.tokens["visual_tokens_before"] for run in runs)
         after = sum(run.tokens["visual_tokens_after"] for run in runs)
         samples = sum(run.tokens["samples_with_visuals"] for run in runs)
@@ -164,11 +168,10 @@ def write_outputs(tables: dict[str, pd.DataFrame], frame: pd.DataFrame, out: str
     written = []
     for model, table in tables.items():
         stem = re.sub(r"[^\w.-]+", "_", model)  # e.g. builtin:shapes -> builtin_shapes
-        base = out / stem
-        base.with_suffix(".md").write_text(markdown(table) + "\n")
-        table.to_csv(base.with_suffix(".csv"), index=False)
-        base.with_suffix(".tex").write_text(table.to_latex(index=False, float_format="%.4g", na_rep="—"))
-        written += [base.with_suffix(s) for s in (".md", ".csv", ".tex")]
+        (out / f"{stem}.md").write_text(markdown(table) + "\n")
+        table.to_csv(out / f"{stem}.csv", index=False)
+        (out / f"{stem}.tex").write_text(table.to_latex(index=False, float_format="%.4g", na_rep="—"))
+        written += [out / f"{stem}{suffix}" for suffix in (".md", ".csv", ".tex")]
         if "% of unpruned (mean)" not in table:
             continue
         rows = frame[frame["pretrained"].map(lambda p: Path(p).name) == model].merge(table[["run", "% of unpruned (mean)"]], on="run")

@@ -44,7 +44,7 @@ def test_a_wheel_install_runs_the_builtin_model_on_tasks_it_writes_into_an_empty
     names = set(zipfile.ZipFile(wheel).namelist())
     for data in ("builtin/shapes/model.safetensors", "builtin/shapes_codebook/codebook.safetensors",
                  "tasks/local/shapes_image.yaml", "tasks/local/utils.py", "tasks/paper/redundancy_video.yaml",
-                 "codebook/presets/llava15.yaml"):
+                 "codebook/presets/llava15.yaml", "published/llava_published.csv", "published/lmms_eval_tasks.csv"):
         assert f"lmms_eval_redundancy/{data}" in names, data
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],

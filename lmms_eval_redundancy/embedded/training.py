@@ -1,7 +1,7 @@
 """The embedded default model: a small LLaVA-OneVision-architecture model trained on the shapes benchmark.
 
 ``train`` builds it from scratch (CLIP tower with a [CLS] token, Qwen2 text tower, the word tokenizer of
-``tiny.py``) and trains it on data drawn from the shapes generator with a seed the benchmark does not use.
+``testing/tiny.py``) and trains it on data drawn from the shapes generator with a seed the benchmark does not use.
 The trained weights ship in ``lmms_eval_redundancy/builtin/shapes`` with their ``training_record.json``;
 ``pretrained=builtin:shapes`` resolves to that folder. Training writes where it is told, never there
 unless that folder is named explicitly.

@@ -6,7 +6,12 @@ import math
 
 import torch
 
-from lmms_eval_redundancy.core.visuals import PackedVisual, UnitRecord, VisualUnit
+from lmms_eval_redundancy.core.visuals import (
+    PackedVisual,
+    Selection,
+    UnitRecord,
+    VisualUnit,
+)
 
 ANYRES_POLICIES = ("full", "base_only", "per_view")
 
@@ -28,26 +33,30 @@ def policy_units(visual: PackedVisual, anyres: str) -> tuple[list[torch.Tensor],
     return visual.units, visual.grids, True
 
 
-def prune_visual(visual: PackedVisual, method, key: str, anyres: str = "full",
-                 log_keep: bool = False) -> tuple[torch.Tensor, list[UnitRecord]]:
-    """Kept features of ``visual`` (in original order) and one record per unit of ``policy_units``.
+def visual_units(visual: PackedVisual, key: str, anyres: str = "full") -> tuple[list[torch.Tensor], list[VisualUnit], bool]:
+    """The positions and ``VisualUnit`` of each unit of ``policy_units``, and whether newline tokens are kept."""
+    positions, grids, keep_newlines = policy_units(visual, anyres)
+    per_view = anyres == "per_view" and visual.base is not None
+    units = []
+    for index, (where, grid) in enumerate(zip(positions, grids)):
+        unit = VisualUnit(visual.features[where], key=f"{key}/{visual.kind}{index}", grid=grid,
+                          scores=None if visual.scores is None else visual.scores[where])
+        if per_view and visual.tile_scores is not None:
+            unit.view_scores = visual.tile_scores[int(visual.views[where[0]].round())]
+            unit.view_patches = visual.patches[where].round().long()
+        units.append(unit)
+    return positions, units, keep_newlines
 
-    ``method`` is a before-LLM method: its ``select_unit`` maps a ``VisualUnit`` to a ``Selection``.
-    """
-    units, grids, keep_newlines = policy_units(visual, anyres)
+
+def apply_selections(visual: PackedVisual, positions: list[torch.Tensor], selections: list[Selection],
+                     keep_newlines: bool, log_keep: bool = False) -> tuple[torch.Tensor, list[UnitRecord]]:
+    """Kept features of ``visual`` (in original order) and one record per unit, given each unit's selection."""
     keep_mask = visual.newline.clone() if keep_newlines else torch.zeros_like(visual.newline)
     features = visual.features
     newlines_before = int(visual.newline.sum())
     records = []
-    per_view = anyres == "per_view" and visual.base is not None
-    for index, (positions, grid) in enumerate(zip(units, grids)):
-        unit = VisualUnit(visual.features[positions], key=f"{key}/{visual.kind}{index}", grid=grid,
-                          scores=None if visual.scores is None else visual.scores[positions])
-        if per_view and visual.tile_scores is not None:
-            unit.view_scores = visual.tile_scores[int(visual.views[positions[0]].round())]
-            unit.view_patches = visual.patches[positions].round().long()
-        selection = method.select_unit(unit)
-        kept = positions[selection.keep]
+    for index, (where, selection) in enumerate(zip(positions, selections)):
+        kept = where[selection.keep]
         keep_mask[kept] = True
         if selection.features is not None:
             if features is visual.features:
@@ -57,7 +66,7 @@ def prune_visual(visual: PackedVisual, method, key: str, anyres: str = "full",
             kind="frame" if visual.kind == "video" else "image",
             visual=0,
             unit=index,
-            before=int(positions.numel()),
+            before=int(where.numel()),
             after=int(kept.numel()),
             newlines_before=newlines_before if index == 0 else 0,
             newlines_after=int((keep_mask & visual.newline).sum()) if index == 0 else 0,
@@ -67,17 +76,34 @@ def prune_visual(visual: PackedVisual, method, key: str, anyres: str = "full",
     return features[keep_mask], records
 
 
-def prune_sample(visuals: list[PackedVisual], method, key: str, anyres: str = "full",
-                 log_keep: bool = False) -> tuple[list[torch.Tensor], list[UnitRecord]]:
-    """Prune every visual of one sample; records carry the visual's index within the sample."""
-    kept_features, records = [], []
-    for index, visual in enumerate(visuals):
-        features, unit_records = prune_visual(visual, method, f"{key}/{index}", anyres, log_keep)
-        for record in unit_records:
-            record.visual = index
-        kept_features.append(features)
-        records.extend(unit_records)
-    return kept_features, records
+def prune_batch(samples: list[list[PackedVisual]], method, keys: list[str], anyres: str = "full",
+                log_keep: bool = False) -> list[tuple[list[torch.Tensor], list[UnitRecord]]]:
+    """Prune every visual of every sample with one ``method.select_units`` call over all their units.
+
+    Per sample: the kept features of each visual and the records of its units (``visual`` = index in the sample).
+    """
+    plans = [[visual_units(visual, f"{key}/{index}", anyres) for index, visual in enumerate(sample)]
+             for sample, key in zip(samples, keys)]
+    selections = iter(method.select_units([unit for plan in plans for _, units, _ in plan for unit in units]))
+    pruned = []
+    for sample, plan in zip(samples, plans):
+        kept, records = [], []
+        for index, (visual, (positions, units, keep_newlines)) in enumerate(zip(sample, plan)):
+            features, unit_records = apply_selections(visual, positions, [next(selections) for _ in units],
+                                                      keep_newlines, log_keep)
+            for record in unit_records:
+                record.visual = index
+            kept.append(features)
+            records.extend(unit_records)
+        pruned.append((kept, records))
+    return pruned
+
+
+def prune_visual(visual: PackedVisual, method, key: str, anyres: str = "full",
+                 log_keep: bool = False) -> tuple[torch.Tensor, list[UnitRecord]]:
+    """Kept features of one visual and one record per unit of ``policy_units`` (units keyed ``<key>/<kind><unit>``)."""
+    positions, units, keep_newlines = visual_units(visual, key, anyres)
+    return apply_selections(visual, positions, method.select_units(units), keep_newlines, log_keep)
 
 
 def keep_all_records(visuals: list[PackedVisual]) -> list[UnitRecord]:

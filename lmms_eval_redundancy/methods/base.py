@@ -94,6 +94,10 @@ class BeforeLLM(PruningMethod):
     def select_unit(self, unit: VisualUnit) -> Selection:
         raise NotImplementedError
 
+    def select_units(self, units: list[VisualUnit]) -> list[Selection]:
+        """Selections for every unit of a batch at once; override to batch the work (same picks as ``select_unit``)."""
+        return [self.select_unit(unit) for unit in units]
+
 
 @dataclass
 class InsideLLM(PruningMethod):

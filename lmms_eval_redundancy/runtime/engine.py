@@ -22,7 +22,7 @@ from lmms_eval_redundancy.core.splice import SplicedBatch, splice
 from lmms_eval_redundancy.core.units import (
     ANYRES_POLICIES,
     keep_all_records,
-    prune_sample,
+    prune_batch,
     unit_map,
 )
 from lmms_eval_redundancy.core.visuals import UnitRecord
@@ -85,8 +85,7 @@ class PruningEngine:
             self.family.attach_views(visuals, inputs)
         if before_llm:
             with self.method.selection.timing(self.model.device):
-                pruned = [prune_sample(v, self.method, key, self.anyres, self.log_keep_indices)
-                          for v, key in zip(visuals, keys)]
+                pruned = prune_batch(visuals, self.method, keys, self.anyres, self.log_keep_indices)
         else:
             pruned = [([v.features for v in sample], keep_all_records(sample)) for sample in visuals]
         kept = [features for features, _ in pruned]

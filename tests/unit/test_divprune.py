@@ -49,3 +49,16 @@ def test_divprune_never_repeats_an_index_with_duplicated_rows():
     keep = divprune.select(features, 8).tolist()
     assert len(keep) == len(set(keep)) == 8
     assert keep == sorted(keep)
+
+
+def test_a_ragged_batch_picks_exactly_what_each_unit_picks_alone():
+    generator = torch.Generator().manual_seed(0)
+    units = [torch.randn(n, 8, generator=generator) for n in (1, 7, 30, 12, 30)]
+    units[3][5] = units[3][2]  # exact duplicates inside one unit
+    ks = [1, 3, 10, 12, 1]
+    batched = divprune.select_batch(units, ks)
+    assert [b.tolist() for b in batched] == [divprune.select_batch([u], [k])[0].tolist() for u, k in zip(units, ks)]
+    assert [b.tolist() for b in batched] == [brute_force(u, k) for u, k in zip(units, ks)]
+    half = divprune.select_batch([u.half() for u in units], ks, torch.float16)
+    assert [h.tolist() for h in half] == [divprune.select_batch([u.half()], [k], torch.float16)[0].tolist()
+                                          for u, k in zip(units, ks)]

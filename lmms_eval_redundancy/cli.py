@@ -278,10 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-shapes", help="train the built-in shapes model (builtin:shapes) from scratch, seeded")
     p.add_argument("--out", default="shapes-model", help="output folder (default: ./shapes-model; the shipped builtin:shapes "
                    "changes only if you name its folder here)")
-    for name in ("seed", "data_seed", "docs", "steps", "batch_size", "eval_every"):
+    for name in ("seed", "data_seed", "docs", "steps", "batch_size", "eval_every", "warmup", "canvas"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--warmup", type=int)
+    for name in ("lr", "dropout_steps", "max_dropout"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=float)
     p.add_argument("--task-weights", type=int, nargs=3, help="steps per cycle for shapes_image, shapes_multi_image, shapes_video")
     p.add_argument("--init-from", help="continue training a saved shapes model, e.g. builtin:shapes (its record is kept)")
     p.set_defaults(func=_train_shapes)

@@ -4,11 +4,13 @@
 codebook's calibrated thresholds) over ``shapes_image``, ``shapes_multi_image`` and ``shapes_video``
 against the unpruned model, one ``lmms_eval`` run per cell, then writes the comparison tables and plots.
 Everything it writes goes under its output folder (default ``./results``); nothing is downloaded; a
-rerun skips finished cells.
+rerun skips finished cells. The runs go to ``runs/<inputs_stamp>``, so runs of another version of the
+model, codebook or benchmark data are never reused (nor deleted).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -17,11 +19,21 @@ import yaml
 from lmms_eval_redundancy.codebook.store import load_codebook
 from lmms_eval_redundancy.core.registry import UNPRUNED
 from lmms_eval_redundancy.embedded.shapes_codebook import CODEBOOK
-from lmms_eval_redundancy.embedded.tasks import write_local_tasks
+from lmms_eval_redundancy.embedded.tasks import data_stamp, write_local_tasks
 from lmms_eval_redundancy.methods import available_methods, method_class, param_fields
+from lmms_eval_redundancy.runtime.loading import BUILTIN
 
 TASKS = "shapes_image,shapes_multi_image,shapes_video"  # one sweep task entry: one lmms_eval run per cell
 RETENTIONS = [0.05, 0.1, 0.25, 0.5]
+SHAPES_DOCS = 96
+
+
+def inputs_stamp() -> str:
+    """What the main job's scores depend on besides the code of the methods: the model, the codebook, the data."""
+    digest = hashlib.sha256(data_stamp(SHAPES_DOCS).encode())
+    for path in (Path(str(BUILTIN / "shapes" / "model.safetensors")), CODEBOOK):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def method_entries() -> list[dict]:
@@ -42,10 +54,10 @@ def method_entries() -> list[dict]:
     return entries
 
 
-def sweep_spec(out_dir: Path, tasks_dir: Path, batch_size: int) -> dict:
+def sweep_spec(runs_dir: Path, tasks_dir: Path, batch_size: int) -> dict:
     """The sweep of the main job: every method at ``RETENTIONS``, threshold budgets at the codebook's thresholds."""
     return {
-        "output": str(out_dir / "runs"),
+        "output": str(runs_dir),
         "models": [{"pretrained": "builtin:shapes", "name": "shapes"}],
         "methods": method_entries(),
         "tasks": [TASKS],
@@ -60,11 +72,12 @@ def run(out_dir: str | Path = "results", batch_size: int = 16) -> dict:
     from lmms_eval_redundancy.tools.sweep import failure_report, load_sweep, run_sweep
 
     out_dir = Path(out_dir).resolve()
-    tasks_dir = write_local_tasks(out_dir / "tasks")
+    tasks_dir = write_local_tasks(out_dir / "tasks", shapes_docs=SHAPES_DOCS)
+    runs_dir = out_dir / "runs" / inputs_stamp()
     spec_path = out_dir / "sweep.yaml"
-    spec_path.write_text(yaml.safe_dump(sweep_spec(out_dir, tasks_dir, batch_size), sort_keys=False))
+    spec_path.write_text(yaml.safe_dump(sweep_spec(runs_dir, tasks_dir, batch_size), sort_keys=False))
     counts = run_sweep(load_sweep(spec_path), env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
-    tables, _ = compare(out_dir / "runs", out_dir / "compare")
+    tables, _ = compare(runs_dir, out_dir / "compare")
     for table in tables.values():
         print(markdown(table))
     print(f"sweep: ran {counts['ran']} cells ({counts['already_done']} already done); tables and plots in {out_dir / 'compare'}")

@@ -1,4 +1,4 @@
-"""A deterministic synthetic visual benchmark: coloured shapes on a textured background.
+"""A deterministic synthetic visual benchmark: small coloured shapes and grey clutter on large redundant backgrounds.
 
 Three local lmms-eval tasks (``lmms_eval_redundancy/tasks/local/shapes_*.yaml``): ``shapes_image`` (colour, shape, count, left/right),
 ``shapes_multi_image`` (which of two images shows a colour; which shows more objects) and
@@ -22,17 +22,34 @@ from lmms_eval_redundancy.embedded.localdata import (
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COUNTS = ("one", "two", "three", "four")
+CANVAS = 128  # pixels per side: 2x2 anyres crops of the 64-pixel tower plus the base view, 336 visual tokens
+BACKGROUNDS = ("flat", "gradient", "texture")
 
 
 def background(rng: np.random.Generator, size: int) -> Image.Image:
-    """A light grey canvas with mild noise."""
-    return Image.fromarray(np.clip(200 + rng.integers(-12, 13, size=(size, size, 3)), 0, 255).astype(np.uint8))
+    """A large redundant region: a light, unsaturated canvas that is flat, a linear gradient or a soft texture."""
+    kind = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    tone = rng.uniform(150, 225) + rng.uniform(-10, 10, size=3)
+    y, x = np.mgrid[0:size, 0:size] / size
+    if kind == "flat":
+        level = np.zeros((size, size))
+    elif kind == "gradient":
+        angle = rng.uniform(0, 2 * np.pi)
+        level = rng.uniform(25, 50) * ((x - 0.5) * np.cos(angle) + (y - 0.5) * np.sin(angle))
+    elif rng.integers(2):  # texture: stripes
+        angle, period = rng.uniform(0, np.pi), rng.uniform(8, 24) / size
+        level = 12 * np.sin(2 * np.pi * (x * np.cos(angle) + y * np.sin(angle)) / period)
+    else:  # texture: smooth blotches
+        coarse = Image.fromarray(rng.uniform(0, 255, size=(6, 6)).astype(np.uint8))
+        level = (np.asarray(coarse.resize((size, size), Image.BICUBIC), dtype=float) - 128) / 128 * 20
+    pixels = tone + level[..., None] + rng.integers(-3, 4, size=(size, size, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def draw_shape(image: Image.Image, shape: str, color: str, centre: tuple[float, float], radius: float) -> None:
-    """Draw one filled shape in place."""
+def draw_shape(image: Image.Image, shape: str, color: str | tuple, centre: tuple[float, float], radius: float) -> None:
+    """Draw one filled shape in place (``color``: a name of ``COLORS`` or an RGB triple)."""
     draw = ImageDraw.Draw(image)
-    x, y, r, fill = centre[0], centre[1], radius, COLORS[color]
+    x, y, r, fill = centre[0], centre[1], radius, COLORS.get(color, color) if isinstance(color, str) else color
     if shape == "circle":
         draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
     elif shape == "square":
@@ -44,10 +61,33 @@ def draw_shape(image: Image.Image, shape: str, color: str, centre: tuple[float, 
         draw.rectangle([x - r / 3, y - r, x + r / 3, y + r], fill=fill)
 
 
+def clutter(rng: np.random.Generator, image: Image.Image, avoid: list[tuple[float, float]], radius: float) -> None:
+    """Distractors: two to five small grey marks (dots and strokes) away from the objects; no question is about them."""
+    draw, size = ImageDraw.Draw(image), image.size[0]
+    for _ in range(int(rng.integers(2, 6))):
+        for _ in range(100):
+            x, y = rng.uniform(4, size - 4, size=2)
+            if all((x - a) ** 2 + (y - b) ** 2 > (1.6 * radius) ** 2 for a, b in avoid):
+                break
+        grey = int(rng.integers(70, 120))
+        if rng.integers(2):
+            r = rng.uniform(1.5, 3)
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=(grey, grey, grey))
+        else:
+            dx, dy = rng.uniform(-6, 6, size=2)
+            draw.line([(x - dx, y - dy), (x + dx, y + dy)], fill=(grey, grey, grey), width=2)
+
+
+def object_radius(size: int) -> float:
+    """The radius of every object on a ``size``-pixel canvas."""
+    return size / 7
+
+
 def scene(rng: np.random.Generator, size: int, objects: list[tuple[str, str]], region: str = "any") -> Image.Image:
-    """``objects`` (shape, colour) placed without overlap in ``region`` ("any", "left" or "right")."""
+    """``objects`` (shape, colour) placed without overlap in ``region`` ("any", "left" or "right") on a
+    ``background``, with ``clutter``."""
     image = background(rng, size)
-    radius = size / 10
+    radius = object_radius(size)
     low, high = radius * 1.2, size - radius * 1.2
     x_low, x_high = {"any": (low, high), "left": (low, size / 2 - radius), "right": (size / 2 + radius, high)}[region]
     placed: list[tuple[float, float]] = []
@@ -58,6 +98,7 @@ def scene(rng: np.random.Generator, size: int, objects: list[tuple[str, str]], r
                 break
         placed.append(centre)
         draw_shape(image, shape, color, centre, radius)
+    clutter(rng, image, placed, radius)
     return image
 
 
@@ -116,7 +157,7 @@ def video_docs(n: int, rng: np.random.Generator, size: int, video_dir: Path, fra
     colors = list(COLORS)
     video_dir.mkdir(parents=True, exist_ok=True)
     docs = []
-    radius = size / 10
+    radius = object_radius(size)
     for i in range(n):
         kind, turn = i % 3, i // 3
         shape, color = SHAPES[int(rng.integers(len(SHAPES)))], colors[int(rng.integers(len(colors)))]
@@ -138,6 +179,7 @@ def video_docs(n: int, rng: np.random.Generator, size: int, video_dir: Path, fra
             y = float(rng.uniform(radius * 1.5, size - radius * 1.5))
             xs = np.linspace(radius * 1.5, size - radius * 1.5, frames)
             base = background(rng, size)
+            clutter(rng, base, [], radius)
             for x in (xs if answer == "right" else xs[::-1]):
                 frame = base.copy()
                 draw_shape(frame, shape, color, (float(x), y), radius)
@@ -150,7 +192,7 @@ def video_docs(n: int, rng: np.random.Generator, size: int, video_dir: Path, fra
     return docs
 
 
-def generate(out_dir: str | Path, docs: int = 96, size: int = 64, seed: int = 0) -> Path:
+def generate(out_dir: str | Path, docs: int = 96, size: int = CANVAS, seed: int = 0) -> Path:
     """Write the three tasks' parquet files (and the videos) under ``out_dir``; same seed, same bytes."""
     import datasets
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lmms_eval_redundancy.codebook.builder import Prober, build_codebook, load_settings
+from lmms_eval_redundancy.codebook.builder import build_codebook, load_settings
 from lmms_eval_redundancy.codebook.store import Codebook, load_codebook, save_codebook
 from lmms_eval_redundancy.embedded import shapes
 from lmms_eval_redundancy.embedded.training import TrainSettings
@@ -22,17 +22,30 @@ from lmms_eval_redundancy.runtime.loading import BUILTIN, load
 CODEBOOK = Path(str(BUILTIN / "shapes_codebook" / "codebook.safetensors"))  # what the main job uses
 
 
+@torch.no_grad()
+def prunable_tokens(loaded, images: list[bytes]) -> list[torch.Tensor]:
+    """The LLM-input tokens of each PNG image that pruning chooses from (every view; newlines left out)."""
+    tokens = []
+    for data in images:
+        inputs = loaded.processor(text=[loaded.processor.image_token], images=[[Image.open(io.BytesIO(data)).convert("RGB")]],
+                                  return_tensors="pt")
+        (visual,) = loaded.family.encode(inputs, [1], [0])[0]
+        tokens.append(visual.features[~visual.newline])
+    return tokens
+
+
 def build_shapes_codebook(out_dir: str | Path, images: int = 256, threshold_images: int = 64,
                           keep_fractions: tuple[float, ...] = (0.1, 0.25, 0.5), pretrained: str = "builtin:shapes") -> Path:
     """The shapes model's codebook, built by ``build-codebook`` (preset ``shapes``) from training images.
 
     The images are the first ``images`` single-image scenes of the training data (``TrainSettings.data_seed``).
     The codebook's ``thresholds`` are the redundancy scores below which ``keep_fractions`` of the
-    base-view tokens of the next ``threshold_images`` training scenes fall (the middle one is ``threshold``).
+    prunable tokens (base view and crops, as ``anyres=full`` prunes them) of the next ``threshold_images``
+    training scenes fall (the middle one is ``threshold``).
     """
     out_dir = Path(out_dir)
     train = TrainSettings()
-    docs = shapes.image_docs(images + threshold_images, np.random.default_rng([train.data_seed, 0]), train.image_size)
+    docs = shapes.image_docs(images + threshold_images, np.random.default_rng([train.data_seed, 0]), train.canvas)
     settings = load_settings("shapes")
     with tempfile.TemporaryDirectory() as folder:
         for doc in docs[:images]:
@@ -41,9 +54,8 @@ def build_shapes_codebook(out_dir: str | Path, images: int = 256, threshold_imag
     shutil.rmtree(out_dir / "probes", ignore_errors=True)
     codebook = load_codebook(path)
     loaded = load(pretrained, device="cpu")
-    prober = Prober(loaded.model, loaded.processor, loaded.family, settings)
-    scores = torch.cat([redundancy_scores(prober.visual_tokens(Image.open(io.BytesIO(doc["image"]["bytes"])))[0],
-                                          codebook.prototypes) for doc in docs[images:]])
+    scores = torch.cat([redundancy_scores(tokens, codebook.prototypes)
+                        for tokens in prunable_tokens(loaded, [doc["image"]["bytes"] for doc in docs[images:]])])
     thresholds = [round(float(scores.quantile(q)), 4) for q in keep_fractions]
     meta = {**codebook.meta, "model": pretrained, "thresholds": json.dumps(thresholds),
             "threshold": str(thresholds[len(thresholds) // 2]),

@@ -8,7 +8,10 @@ unless that folder is named explicitly.
 
 Loss: cross-entropy on the answer word and the end-of-turn token, plus the auxiliary losses of
 ``VisionProbe`` on freshly generated, fully labelled scenes (a stand-in for the pretraining of a real
-vision tower).
+vision tower). Token dropout: in a share of the steps a random fraction (up to ``max_dropout``) of the
+visual tokens is dropped before the LLM, exactly as the ``random`` method drops them at inference (the
+kept tokens stay in their original order), so the model learns to answer from partial token sets as
+real LLaVA models empirically do.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ class TrainSettings:
     weight_decay: float = 0.01
     vision_weight: float = 0.3
     probe_scenes: int = 32
-    image_size: int = 64
+    canvas: int = 128  # side of the generated scenes in pixels (anyres tiles them for the tower)
+    image_size: int = 64  # the vision tower's input side
     patch_size: int = 8
     vision: dict = field(default_factory=lambda: {"hidden": 64, "layers": 4})
     text: dict = field(default_factory=lambda: {"hidden": 128, "layers": 4})
@@ -51,6 +55,8 @@ class TrainSettings:
     threads: int = 2
     task_weights: tuple[int, ...] = (1, 1, 1)  # steps per cycle given to each of TASKS, in order
     init_from: str | None = None  # continue from a saved model (its record is kept as "previous")
+    dropout_steps: float = 0.5  # share of steps that drop visual tokens
+    max_dropout: float = 0.9  # a dropping step drops a fraction drawn uniformly from [0, max_dropout]
 
 
 def build_untrained(settings: TrainSettings):
@@ -125,12 +131,12 @@ class VisionProbe(torch.nn.Module):
     a real CLIP tower has (and what makes its [CLS] attention point at the objects).
     """
 
-    def __init__(self, hidden: int, image_size: int, patch_size: int, image_mean, image_std) -> None:
+    def __init__(self, hidden: int, image_size: int, patch_size: int, image_mean, image_std, canvas: int) -> None:
         super().__init__()
         from lmms_eval_redundancy.embedded.localdata import COLORS
         from lmms_eval_redundancy.embedded.shapes import COUNTS, SHAPES
 
-        self.grid, self.patch_size, self.image_size = image_size // patch_size, patch_size, image_size
+        self.grid, self.patch_size, self.canvas = image_size // patch_size, patch_size, canvas
         self.colour_names, self.shape_names = list(COLORS), list(SHAPES)
         self.patch_colour = torch.nn.Linear(hidden, len(COLORS) + 1)
         self.patch_shape = torch.nn.Linear(hidden, len(SHAPES))
@@ -144,7 +150,7 @@ class VisionProbe(torch.nn.Module):
         self.register_buffer("std", torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1))
 
     def scenes(self, rng: np.random.Generator, n: int):
-        """``n`` scenes (PIL) and their labels: shape, colour, count - 1, side (-100 when anywhere)."""
+        """``n`` scenes (PIL, ``canvas`` pixels; the loss sees their base views) and their labels: shape, colour, count - 1, side (-100 when anywhere)."""
         from lmms_eval_redundancy.embedded.shapes import scene
 
         images, labels = [], []
@@ -153,7 +159,7 @@ class VisionProbe(torch.nn.Module):
             count, side = int(rng.integers(1, 5)), int(rng.integers(-1, 2))
             region = ("any", "left", "right")[side + 1] if count == 1 else "any"
             objects = [(self.shape_names[shape], self.colour_names[colour])] * count
-            images.append(scene(rng, self.image_size, objects, region))
+            images.append(scene(rng, self.canvas, objects, region))
             labels.append((shape, colour, count - 1, side if region != "any" else -100))
         return images, torch.tensor(labels)
 
@@ -181,6 +187,25 @@ class VisionProbe(torch.nn.Module):
         return loss
 
 
+def answer_logits(model, processor, family, docs: list[dict], inputs, dropout: float = 0.0, key: str = "train"):
+    """Logits at the answer word and ``</s>`` of ``inputs`` (encoded ``docs``) with a ``dropout`` fraction of
+    each visual's tokens dropped before the LLM by the ``random`` method (keys ``<key>/<doc index>``)."""
+    from lmms_eval_redundancy.core.budget import Budget
+    from lmms_eval_redundancy.core.splice import splice
+    from lmms_eval_redundancy.core.units import prune_batch
+    from lmms_eval_redundancy.methods import build_method
+
+    visuals = family.encode(inputs, [len(d["images"]) for d in docs], [len(d["videos"]) for d in docs])
+    if dropout > 0:
+        method = build_method("random", Budget("retention", 1 - dropout))
+        kept = [features for features, _ in prune_batch(visuals, method, [f"{key}/{i}" for i in range(len(docs))])]
+    else:
+        kept = [[visual.features for visual in sample] for sample in visuals]
+    batch = splice(inputs["input_ids"], inputs["attention_mask"], [[v.length for v in sample] for sample in visuals],
+                   kept, family.placeholder_ids, processor.tokenizer.pad_token_id, model.get_input_embeddings())
+    return model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, logits_to_keep=3).logits[:, :2]
+
+
 def answer_accuracy(model, processor, docs: list[dict], batch_size: int = 32) -> float:
     """Share of docs whose greedy answer is the answer word followed by ``</s>`` (teacher-forced)."""
     eos = processor.tokenizer.eos_token_id
@@ -203,6 +228,7 @@ def train(out_dir: str | Path, settings: TrainSettings | None = None, progress: 
 
     from lmms_eval_redundancy.core.versions import library_versions
     from lmms_eval_redundancy.embedded import shapes
+    from lmms_eval_redundancy.families import family_of
 
     settings = settings or TrainSettings()
     torch.set_num_threads(settings.threads)
@@ -215,11 +241,12 @@ def train(out_dir: str | Path, settings: TrainSettings | None = None, progress: 
         start = load(settings.init_from, device="cpu")
         model = start.model
         previous = json.loads((Path(start.path) / "training_record.json").read_text())
+    family = family_of(model.config.model_type)(model, processor)
     with tempfile.TemporaryDirectory() as scratch:
-        train_dir = shapes.generate(Path(scratch) / "train" / "shapes", docs=settings.docs, size=settings.image_size,
+        train_dir = shapes.generate(Path(scratch) / "train" / "shapes", docs=settings.docs, size=settings.canvas,
                                     seed=settings.data_seed)
         eval_dir = shapes.generate(Path(scratch) / "eval" / "shapes", docs=settings.eval_docs,
-                                   size=settings.image_size, seed=settings.data_seed + 1)
+                                   size=settings.canvas, seed=settings.data_seed + 1)
         train_docs, eval_docs = load_split(train_dir), load_split(eval_dir)
     unknown = {w for docs in train_docs.values() for d in docs for w in (d["question"] + " " + d["answer"]).split()
                if processor.tokenizer.convert_tokens_to_ids(w) == processor.tokenizer.unk_token_id}
@@ -227,7 +254,7 @@ def train(out_dir: str | Path, settings: TrainSettings | None = None, progress: 
         raise ValueError(f"words missing from the tokenizer vocabulary: {sorted(unknown)}")
 
     probe = VisionProbe(settings.vision["hidden"], settings.image_size, settings.patch_size,
-                        processor.image_processor.image_mean, processor.image_processor.image_std)
+                        processor.image_processor.image_mean, processor.image_processor.image_std, settings.canvas)
     probe_rng = np.random.default_rng([settings.seed, 1])
     params = list(model.parameters()) + list(probe.parameters())
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -249,7 +276,8 @@ def train(out_dir: str | Path, settings: TrainSettings | None = None, progress: 
         docs = train_docs[task]
         batch = [docs[i] for i in rng.choice(len(docs), size=settings.batch_size, replace=False)]
         inputs = encode(processor, batch, with_answer=True)
-        logits = model(**inputs, logits_to_keep=3).logits[:, :2]
+        dropout = float(rng.uniform(0, settings.max_dropout)) if rng.uniform() < settings.dropout_steps else 0.0
+        logits = answer_logits(model, processor, family, batch, inputs, dropout, key=f"step{step}")
         answer_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), inputs["input_ids"][:, -2:].flatten())
         scenes, labels = probe.scenes(probe_rng, settings.probe_scenes)
         pixels = processor.image_processor(scenes, return_tensors="pt")["pixel_values"][:, 0]  # base views
@@ -260,9 +288,9 @@ def train(out_dir: str | Path, settings: TrainSettings | None = None, progress: 
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
-        log.append({"step": step, "task": task, "answer_loss": round(float(answer_loss), 4),
-                    "vision_loss": round(float(vision_loss), 4)})
-        bar.set_postfix(task=task[7:], loss=f"{float(answer_loss):.3f}")
+        log.append({"step": step, "task": task, "dropout": round(dropout, 3), "answer_loss": round(answer_loss.item(), 4),
+                    "vision_loss": round(vision_loss.item(), 4)})
+        bar.set_postfix(task=task[7:], loss=f"{answer_loss.item():.3f}")
         if (step + 1) % settings.eval_every == 0 or step + 1 == settings.steps:
             accuracy = {t: round(answer_accuracy(model, processor, eval_docs[t]), 4) for t in TASKS}
             evals.append({"step": step + 1, "accuracy": accuracy})

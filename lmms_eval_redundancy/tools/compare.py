@@ -37,17 +37,30 @@ def settings_key(settings: dict) -> str:
     return json.dumps({k: v for k, v in settings.items() if k != PATHS_KEY}, sort_keys=True, default=str)
 
 
-def run_labels(settings: list[dict]) -> list[str]:
-    """``method budget (k=v, ...)``, naming every setting that differs between runs of the same method."""
-    labels = []
+def varying_settings(settings: list[dict]) -> list[list[str]]:
+    """Per run, ``k=v`` for every setting (budget aside) that differs between runs of the same model and method."""
+    varying = []
     for one in settings:
         peers = [other for other in settings if other["pretrained"] == one["pretrained"] and other["method"] == one["method"]]
         keys = sorted({k for other in peers for k in other} - set(LABEL_OMITS) - {PATHS_KEY})
-        varying = [k for k in keys if len({json.dumps(other.get(k), default=str) for other in peers}) > 1]
-        extras = [f"{k}={one.get(k)}" for k in varying]
+        varying.append([f"{k}={one.get(k)}" for k in keys
+                        if len({json.dumps(other.get(k), default=str) for other in peers}) > 1])
+    return varying
+
+
+def run_labels(settings: list[dict]) -> list[str]:
+    """``method budget (k=v, ...)``, naming every setting that differs between runs of the same method."""
+    labels = []
+    for one, extras in zip(settings, varying_settings(settings)):
         budget = "" if one["method"] == UNPRUNED else f" {one['budget']}"
         labels.append(f"{one['method']}{budget}" + (f" ({', '.join(extras)})" if extras else ""))
     return labels
+
+
+def curve_labels(settings: list[dict]) -> list[str]:
+    """``method (k=v, ...)``: the runs that differ only in their budget share a curve in the plots."""
+    return [one["method"] + (f" ({', '.join(extras)})" if extras else "")
+            for one, extras in zip(settings, varying_settings(settings))]
 
 
 @dataclass
@@ -98,11 +111,11 @@ def collect(folder: str | Path) -> Collected:
             continue
         taken.append(run)
     rows = []
-    labels = run_labels([runs[0].settings for runs in grouped.values()])
-    for runs, label in zip(grouped.values(), labels):
+    firsts = [runs[0].settings for runs in grouped.values()]
+    for runs, label, curve in zip(grouped.values(), run_labels(firsts), curve_labels(firsts)):
         settings = runs[0].settings
         row = {"model": Path(settings["pretrained"]).name, "pretrained": settings["pretrained"], "run": label,
-               "method": settings["method"], "budget": settings["budget"], "metrics": {}}
+               "curve": curve, "method": settings["method"], "budget": settings["budget"], "metrics": {}}
         for run in runs:
             row.update(run.scores)
             row["metrics"].update(run.metrics)
@@ -178,9 +191,9 @@ def write_outputs(tables: dict[str, pd.DataFrame], frame: pd.DataFrame, out: str
         for x_column, name, label in (("retained tokens / sample", "score_vs_tokens", "visual tokens per sample"),
                                       ("prefill s / sample", "pareto_prefill", "prefill seconds per sample")):
             fig, ax = plt.subplots(figsize=(5.5, 4))
-            for method, points in rows.groupby("method"):
+            for curve, points in rows.groupby("curve"):
                 points = points.sort_values(x_column)
-                ax.plot(points[x_column], points["% of unpruned (mean)"], marker="o", label=method)
+                ax.plot(points[x_column], points["% of unpruned (mean)"], marker="o", label=curve)
             ax.set_xlabel(label)
             ax.set_ylabel("mean % of unpruned score")
             ax.set_title(model)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import (
     AutoConfig,
     AutoProcessor,
@@ -15,13 +18,22 @@ from transformers import (
 
 from lmms_eval_redundancy.codebook.store import load_codebook
 from lmms_eval_redundancy.core.registry import UNPRUNED
+from lmms_eval_redundancy.embedded import shapes
 from lmms_eval_redundancy.embedded.demo import sweep_spec
 from lmms_eval_redundancy.embedded.shapes_codebook import CODEBOOK
-from lmms_eval_redundancy.embedded.training import TASKS, TrainSettings, train
+from lmms_eval_redundancy.embedded.training import (
+    TASKS,
+    TrainSettings,
+    answer_accuracy,
+    answer_logits,
+    encode,
+    train,
+)
 from lmms_eval_redundancy.methods import available_methods
 from lmms_eval_redundancy.runtime.loading import (
     BUILTIN,
     builtin_names,
+    load,
     resolve_pretrained,
 )
 
@@ -37,14 +49,42 @@ def test_builtin_names_resolve_and_unknown_ones_are_refused():
 
 
 def test_committed_model_has_its_training_record():
+    """Three recorded stages: from scratch, a longer look at image pairs, then 128-pixel scenes with token dropout."""
     record = json.loads((SHAPES / "training_record.json").read_text())
-    stage_one = json.loads(json.dumps(TrainSettings().__dict__))
-    # stage 1: train-shapes with the defaults (recorded before task_weights and init_from existed; their
-    # defaults, a plain round robin from scratch, are what it did)
-    assert record["previous"]["settings"] == {k: v for k, v in stage_one.items() if k not in ("task_weights", "init_from")}
-    assert record["settings"]["init_from"] and record["settings"]["task_weights"] == [1, 2, 1]
-    assert all(record["held_out_accuracy"][-1]["accuracy"][task] >= 0.85 for task in TASKS)
+    stages = [record, record["previous"], record["previous"]["previous"]]
+    assert stages[2]["settings"].get("init_from") is None and stages[2].get("previous") is None  # from scratch
+    assert len(record["commands"]) == 3 and "--init-from STAGE2" in record["commands"][2]
+    assert stages[1]["settings"]["init_from"] and stages[1]["settings"]["task_weights"] == [1, 2, 1]
+    assert record["settings"]["init_from"] and record["settings"]["canvas"] == shapes.CANVAS
+    assert record["settings"]["dropout_steps"] > 0 and record["settings"]["max_dropout"] == 0.9
+    assert any(step["dropout"] > 0 for step in record["loss_every_50_steps"])
+    assert all(record["held_out_accuracy"][-1]["accuracy"][task] >= 0.9 for task in TASKS)
     assert record["parameters"] < 2_000_000
+
+
+def test_without_the_picture_the_model_is_near_chance():
+    """The benchmark's first single-image questions: answered from the picture, near chance (0.31) on blank canvases."""
+    loaded = load("builtin:shapes", device="cpu")
+    docs = [{**doc, "images": [Image.open(io.BytesIO(doc["image"]["bytes"]))], "videos": []}
+            for doc in shapes.image_docs(48, np.random.default_rng([0, 0]), shapes.CANVAS)]
+    rng = np.random.default_rng(5)
+    blank = [{**doc, "images": [shapes.background(rng, shapes.CANVAS)]} for doc in docs]
+    assert answer_accuracy(loaded.model, loaded.processor, docs) >= 0.9
+    assert answer_accuracy(loaded.model, loaded.processor, blank) <= 0.45
+
+
+def test_training_forward_without_dropout_is_the_plain_forward():
+    """Training's spliced forward equals the model's own when nothing is dropped, and differs when tokens are."""
+    loaded = load("builtin:shapes", device="cpu")
+    docs = [{**doc, "images": [Image.open(io.BytesIO(doc["image"]["bytes"]))], "videos": []}
+            for doc in shapes.image_docs(4, np.random.default_rng(3), shapes.CANVAS)]
+    inputs = encode(loaded.processor, docs, with_answer=True)
+    with torch.no_grad():
+        plain = loaded.model(**inputs, logits_to_keep=3).logits[:, :2]
+        spliced = answer_logits(loaded.model, loaded.processor, loaded.family, docs, inputs)
+        dropped = answer_logits(loaded.model, loaded.processor, loaded.family, docs, inputs, dropout=0.8)
+    torch.testing.assert_close(spliced, plain, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(dropped, plain, atol=1e-3)
 
 
 def test_committed_codebook_fits_the_model_and_carries_its_thresholds():
@@ -68,9 +108,10 @@ def test_main_job_sweeps_every_method_at_several_budgets(tmp_path):
 
 
 def test_a_few_training_steps_run_and_save_a_loadable_model(tmp_path):
-    settings = TrainSettings(docs=16, steps=3, batch_size=4, eval_docs=8, eval_every=3)
+    settings = TrainSettings(docs=16, steps=3, batch_size=4, eval_docs=8, eval_every=3, dropout_steps=1.0)
     record = train(tmp_path, settings, progress=False)
     assert len(record["held_out_accuracy"]) == 1 and record["settings"]["steps"] == 3
+    assert all(0 <= step["dropout"] <= 0.9 for step in record["loss_every_50_steps"])
     assert all(torch.isfinite(torch.tensor(step["answer_loss"])) for step in record["loss_every_50_steps"])
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path)
     assert model.config.vision_feature_select_strategy == "default"  # CLIP tower: [CLS] dropped before the LLM

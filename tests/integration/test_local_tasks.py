@@ -43,3 +43,16 @@ def test_codebook_threshold_run_keeps_fewer_tokens_and_records_the_codebook_by_c
     settings = wrapper.ledger.settings
     assert settings["variant"] == "threshold" and settings["prototypes"] == 6
     assert settings["codebook"].startswith("tiny-") and settings["paths"]["codebook"] == str(codebook)
+
+
+def test_data_of_another_generator_version_is_regenerated_not_reused(tmp_path):
+    from lmms_eval_redundancy.embedded.tasks import write_local_tasks
+
+    data = write_local_tasks(tmp_path, shapes_docs=6) / "data"
+    first = (data / "shapes" / "shapes_image.parquet").stat().st_mtime_ns
+    write_local_tasks(tmp_path, shapes_docs=6)
+    assert (data / "shapes" / "shapes_image.parquet").stat().st_mtime_ns == first  # same stamp: reused
+    (data / "stamp.txt").write_text("an older generator")
+    (data / "shapes" / "leftover.txt").write_text("from the older data")
+    write_local_tasks(tmp_path, shapes_docs=6)
+    assert not (data / "shapes" / "leftover.txt").exists() and (data / "stamp.txt").read_text() != "an older generator"

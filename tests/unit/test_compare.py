@@ -52,3 +52,14 @@ def test_an_identical_rerun_is_reported_as_a_duplicate_not_summed(tmp_path):
     assert len(table) == 2
     (duplicate,) = duplicates
     assert "old" in duplicate["run"] and duplicate["tasks"] == ["t (exact_match)"] and "new" in duplicate["kept"][0]
+
+
+def test_runs_differing_only_in_their_budget_share_a_plot_curve_and_other_settings_do_not(tmp_path):
+    for i, (budget, variant) in enumerate([("retention=0.25", "ratio"), ("retention=0.5", "ratio"),
+                                           ("threshold=0.5", "threshold"), ("threshold=0.7", "threshold")]):
+        settings = {"method": "codebook", "budget": budget, "codebook": "cb-1111111111", "variant": variant}
+        record_run(tmp_path / str(i), f"20260101_00000{i}", settings, {"t": 0.5})
+    curves = collect(tmp_path).frame.groupby("curve")["run"].apply(sorted).to_dict()
+    assert curves == {"codebook (variant=ratio)": ["codebook retention=0.25 (variant=ratio)", "codebook retention=0.5 (variant=ratio)"],
+                      "codebook (variant=threshold)": ["codebook threshold=0.5 (variant=threshold)",
+                                                       "codebook threshold=0.7 (variant=threshold)"]}

@@ -25,9 +25,15 @@ def _make_tiny(args) -> None:
 
 
 def _make_local_data(args) -> None:
+    import datasets
+
+    from lmms_eval_redundancy.embedded.shapes import patch_coverage
     from lmms_eval_redundancy.embedded.tasks import write_local_tasks
 
     folder = write_local_tasks(args.out, shapes_docs=args.shapes_docs)
+    images = datasets.load_dataset("parquet", data_files=str(folder / "data" / "shapes" / "shapes_image.parquet"))["train"]["image"]
+    objects, clutter = patch_coverage(images)
+    print(f"shapes_image: coloured objects touch {objects:.1%} of the 8-pixel patches, grey distractors {clutter:.1%}")
     print(f"local tasks and their data in {folder}; run them with --include_path {folder}")
 
 

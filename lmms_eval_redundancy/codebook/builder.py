@@ -296,15 +296,17 @@ def select_prototypes(results: dict[str, dict], settings: BuildSettings) -> tupl
 
 
 def write_report(out_dir: Path, report: dict, results: dict[str, dict], settings: BuildSettings) -> None:
-    """``report.json`` and two plots: p_max vs J with the thresholds, prototypes per selected cluster."""
+    """``report.json`` (with the medians of p_max and J, to set the thresholds from) and two plots: p_max vs J with
+    the thresholds, prototypes per selected cluster."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
     p_max = torch.cat([r["p_max"] for r in results.values()])
     j = torch.cat([settings.context_weight * r["j_context"] + settings.global_weight * r["j_global"] for r in results.values()])
+    report = {**report, "probe_medians": {"p_max": round(float(p_max.median()), 4), "J": float(f"{float(j.median()):.3g}")}}
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.scatter(j.numpy(), p_max.numpy(), s=4, alpha=0.5)
     ax.axvline(settings.jsd_thres, color="red", linestyle="--", label=f"jsd_thres {settings.jsd_thres:g}")

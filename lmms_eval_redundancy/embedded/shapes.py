@@ -46,10 +46,10 @@ def background(rng: np.random.Generator, size: int) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def draw_shape(image: Image.Image, shape: str, color: str | tuple, centre: tuple[float, float], radius: float) -> None:
-    """Draw one filled shape in place (``color``: a name of ``COLORS`` or an RGB triple)."""
+def draw_shape(image: Image.Image, shape: str, color: str, centre: tuple[float, float], radius: float) -> None:
+    """Draw one filled shape in place."""
     draw = ImageDraw.Draw(image)
-    x, y, r, fill = centre[0], centre[1], radius, COLORS.get(color, color) if isinstance(color, str) else color
+    x, y, r, fill = centre[0], centre[1], radius, COLORS[color]
     if shape == "circle":
         draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
     elif shape == "square":
@@ -81,6 +81,17 @@ def clutter(rng: np.random.Generator, image: Image.Image, avoid: list[tuple[floa
 def object_radius(size: int) -> float:
     """The radius of every object on a ``size``-pixel canvas."""
     return size / 7
+
+
+def patch_coverage(images: list[Image.Image], patch: int = 8) -> tuple[float, float]:
+    """Mean share of ``patch``-pixel patches that a coloured object touches, and that grey clutter touches."""
+    objects, clutter = [], []
+    for image in images:
+        pixels = np.asarray(image.convert("RGB")).astype(int)
+        spread, side = pixels.max(axis=-1) - pixels.min(axis=-1), pixels.shape[0] // patch
+        for share, mask in ((objects, spread > 80), (clutter, (pixels.max(axis=-1) < 125) & (spread < 20))):
+            share.append(mask[: side * patch, : side * patch].reshape(side, patch, side, patch).any(axis=(1, 3)).mean())
+    return float(np.mean(objects)), float(np.mean(clutter))
 
 
 def scene(rng: np.random.Generator, size: int, objects: list[tuple[str, str]], region: str = "any") -> Image.Image:

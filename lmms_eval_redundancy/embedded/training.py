@@ -188,21 +188,17 @@ class VisionProbe(torch.nn.Module):
 
 
 def answer_logits(model, processor, family, docs: list[dict], inputs, dropout: float = 0.0, key: str = "train"):
-    """Logits at the answer word and ``</s>`` of ``inputs`` (encoded ``docs``) with a ``dropout`` fraction of
-    each visual's tokens dropped before the LLM by the ``random`` method (keys ``<key>/<doc index>``)."""
-    from lmms_eval_redundancy.core.budget import Budget
-    from lmms_eval_redundancy.core.splice import splice
-    from lmms_eval_redundancy.core.units import prune_batch
+    """Logits at the answer word and ``</s>`` of ``inputs`` (encoded ``docs``), a ``dropout`` fraction of each
+    image's and frame's visual tokens dropped by the ``random`` method: the inference path, with gradients."""
+    from lmms_eval_redundancy.core.budget import KEEP_ALL, Budget
+    from lmms_eval_redundancy.core.registry import UNPRUNED
     from lmms_eval_redundancy.methods import build_method
+    from lmms_eval_redundancy.runtime.engine import PruningEngine
 
-    visuals = family.encode(inputs, [len(d["images"]) for d in docs], [len(d["videos"]) for d in docs])
-    if dropout > 0:
-        method = build_method("random", Budget("retention", 1 - dropout))
-        kept = [features for features, _ in prune_batch(visuals, method, [f"{key}/{i}" for i in range(len(docs))])]
-    else:
-        kept = [[visual.features for visual in sample] for sample in visuals]
-    batch = splice(inputs["input_ids"], inputs["attention_mask"], [[v.length for v in sample] for sample in visuals],
-                   kept, family.placeholder_ids, processor.tokenizer.pad_token_id, model.get_input_embeddings())
+    method = build_method("random", Budget("retention", 1 - dropout)) if dropout > 0 else build_method(UNPRUNED, KEEP_ALL)
+    engine = PruningEngine(model, processor, family, method)
+    batch, _ = engine.prune(inputs, [len(d["images"]) for d in docs], [len(d["videos"]) for d in docs],
+                            [f"{key}/{i}" for i in range(len(docs))], grad=True)
     return model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, logits_to_keep=3).logits[:, :2]
 
 

@@ -66,15 +66,20 @@ class PruningEngine:
                 inputs[name] = inputs[name].to(self.model.dtype)
         return inputs
 
-    @torch.no_grad()
     def prune(self, inputs, images_per_sample: list[int], videos_per_sample: list[int], keys: list[str],
-              frames_as_images: list[int] | None = None) -> tuple[SplicedBatch, list[list[UnitRecord]]]:
+              frames_as_images: list[int] | None = None, grad: bool = False) -> tuple[SplicedBatch, list[list[UnitRecord]]]:
         """Pruned, re-padded LLM inputs for a processed batch, and the token records of each sample.
 
         ``keys`` name the samples (random choices are seeded by them); ``frames_as_images[b]`` counts the
         trailing images of sample ``b`` that are video frames (families without video input): they are
-        recorded as frames.
+        recorded as frames. ``grad=True`` keeps the autograd graph (training through pruning); by default
+        none is built.
         """
+        with torch.set_grad_enabled(grad):
+            return self._pruned_batch(inputs, images_per_sample, videos_per_sample, keys, frames_as_images)
+
+    def _pruned_batch(self, inputs, images_per_sample: list[int], videos_per_sample: list[int], keys: list[str],
+                      frames_as_images: list[int] | None) -> tuple[SplicedBatch, list[list[UnitRecord]]]:
         self.method.selection.reset()
         before_llm = self.method.stage is Stage.BEFORE_LLM
         with (self.method.observing_vision() if before_llm else contextlib.nullcontext()) as captured:

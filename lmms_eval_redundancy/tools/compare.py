@@ -37,30 +37,18 @@ def settings_key(settings: dict) -> str:
     return json.dumps({k: v for k, v in settings.items() if k != PATHS_KEY}, sort_keys=True, default=str)
 
 
-def varying_settings(settings: list[dict]) -> list[list[str]]:
-    """Per run, ``k=v`` for every setting (budget aside) that differs between runs of the same model and method."""
-    varying = []
+def run_labels(settings: list[dict]) -> list[tuple[str, str]]:
+    """Per run: its row label ``method budget (k=v, ...)``, naming every setting besides the budget that differs
+    between runs of the same model and method, and its plot curve ``method (k=v, ...)`` (shared across budgets)."""
+    labels = []
     for one in settings:
         peers = [other for other in settings if other["pretrained"] == one["pretrained"] and other["method"] == one["method"]]
         keys = sorted({k for other in peers for k in other} - set(LABEL_OMITS) - {PATHS_KEY})
-        varying.append([f"{k}={one.get(k)}" for k in keys
-                        if len({json.dumps(other.get(k), default=str) for other in peers}) > 1])
-    return varying
-
-
-def run_labels(settings: list[dict]) -> list[str]:
-    """``method budget (k=v, ...)``, naming every setting that differs between runs of the same method."""
-    labels = []
-    for one, extras in zip(settings, varying_settings(settings)):
+        varying = [f"{k}={one.get(k)}" for k in keys if len({json.dumps(other.get(k), default=str) for other in peers}) > 1]
+        extras = f" ({', '.join(varying)})" if varying else ""
         budget = "" if one["method"] == UNPRUNED else f" {one['budget']}"
-        labels.append(f"{one['method']}{budget}" + (f" ({', '.join(extras)})" if extras else ""))
+        labels.append((f"{one['method']}{budget}{extras}", f"{one['method']}{extras}"))
     return labels
-
-
-def curve_labels(settings: list[dict]) -> list[str]:
-    """``method (k=v, ...)``: the runs that differ only in their budget share a curve in the plots."""
-    return [one["method"] + (f" ({', '.join(extras)})" if extras else "")
-            for one, extras in zip(settings, varying_settings(settings))]
 
 
 @dataclass
@@ -112,7 +100,7 @@ def collect(folder: str | Path) -> Collected:
         taken.append(run)
     rows = []
     firsts = [runs[0].settings for runs in grouped.values()]
-    for runs, label, curve in zip(grouped.values(), run_labels(firsts), curve_labels(firsts)):
+    for runs, (label, curve) in zip(grouped.values(), run_labels(firsts)):
         settings = runs[0].settings
         row = {"model": Path(settings["pretrained"]).name, "pretrained": settings["pretrained"], "run": label,
                "curve": curve, "method": settings["method"], "budget": settings["budget"], "metrics": {}}

@@ -87,6 +87,16 @@ def test_training_forward_without_dropout_is_the_plain_forward():
     assert not torch.allclose(dropped, plain, atol=1e-3)
 
 
+def test_training_gradients_reach_the_vision_tower_through_dropped_tokens():
+    loaded = load("builtin:shapes", device="cpu")
+    docs = [{**doc, "images": [Image.open(io.BytesIO(doc["image"]["bytes"]))], "videos": []}
+            for doc in shapes.image_docs(2, np.random.default_rng(3), shapes.CANVAS)]
+    answer_logits(loaded.model, loaded.processor, loaded.family, docs,
+                  encode(loaded.processor, docs, with_answer=True), dropout=0.5).sum().backward()
+    tower = loaded.model.model.vision_tower
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tower.parameters())
+
+
 def test_committed_codebook_fits_the_model_and_carries_its_thresholds():
     codebook = load_codebook(CODEBOOK)
     config = AutoConfig.from_pretrained(SHAPES)

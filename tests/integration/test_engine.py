@@ -19,6 +19,7 @@ def test_prune_then_generate_and_remove_the_hooks(tiny_models):
     prompt = chat_prompt(loaded.processor, chat_template_of(loaded.processor), "what is it ?", 1, 0)
     inputs = engine.processor_inputs([prompt], [[image(32, 32, 0)]], [])
     batch, records = engine.prune(inputs, images_per_sample=[1], videos_per_sample=[0], keys=["doc0"])
+    assert not batch.inputs_embeds.requires_grad  # no autograd graph unless grad=True
     with torch.no_grad(), engine.around_llm(batch, records):
         output = loaded.model.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
                                        max_new_tokens=3, min_new_tokens=3, do_sample=False)

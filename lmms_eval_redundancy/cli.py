@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lmms_eval_redundancy.core.errors import UserError
 from lmms_eval_redundancy.families import FAMILIES
 
 
@@ -304,8 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    args.func(args)
+    """Run a command; a ``UserError`` (bad input or environment) is printed without a traceback, exit status 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as err:
+        parser.exit(2, f"lmms-eval-redundancy {args.command}: error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lmms_eval_redundancy.core.errors import UserError
+
 FORMAT = "lmms-eval-redundancy-codebook/1"
 EMBEDDING_SPACE = "post_projector"
 
@@ -33,7 +35,7 @@ RELEASE_MODELS = {
 }
 
 
-class CodebookError(ValueError):
+class CodebookError(UserError):
     """A codebook file is missing, malformed, or does not fit the model."""
 
 

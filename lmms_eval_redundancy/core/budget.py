@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from lmms_eval_redundancy.core.errors import UserError
+
 BUDGET_KEYS = ("retention", "tokens", "threshold")
 
 
-class BudgetError(ValueError):
+class BudgetError(UserError):
     """A budget is missing, out of range, or given twice."""
 
 

@@ -1,8 +1,9 @@
-"""Names for files that say what they hold, not where they are."""
+"""Files: names that say what they hold (not where they are), and writes that are all or nothing."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 
@@ -14,3 +15,15 @@ def content_id(path: str | Path, length: int = 10) -> str:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
     return f"{path.stem}-{digest.hexdigest()[:length]}"
+
+
+def write_atomically(path: str | Path, data: str | bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it: readers see the old file or the
+    whole new one, never a part (a full disk or a kill leaves no truncated record)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

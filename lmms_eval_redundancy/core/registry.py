@@ -11,6 +11,7 @@ import types
 import typing
 from enum import Enum
 
+from lmms_eval_redundancy.core.errors import UserError
 from lmms_eval_redundancy.core.budget import Budget
 
 UNPRUNED = "none"  # the method that keeps every token: the reference of every comparison
@@ -22,7 +23,7 @@ class Stage(str, Enum):
     INSIDE_LLM = "inside_llm"  # acts on hidden states inside the decoder
 
 
-class MethodError(ValueError):
+class MethodError(UserError):
     """Unknown method, unknown parameter, or a parameter of the wrong type."""
 
 

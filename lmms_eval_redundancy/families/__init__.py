@@ -1,5 +1,6 @@
 """Model families, chosen from a checkpoint's ``model_type``; ``FAMILIES`` is the one list of them."""
 
+from lmms_eval_redundancy.core.errors import UserError
 from lmms_eval_redundancy.families.base import Family, FamilyError
 from lmms_eval_redundancy.families.llava import Llava
 from lmms_eval_redundancy.families.llava_next import LlavaNext
@@ -8,7 +9,7 @@ from lmms_eval_redundancy.families.llava_onevision import LlavaOnevision
 FAMILIES: dict[str, type[Family]] = {family.name: family for family in (Llava, LlavaNext, LlavaOnevision)}
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError):
     """The checkpoint is not one of the LLaVA families this project supports."""
 
 

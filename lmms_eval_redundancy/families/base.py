@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from lmms_eval_redundancy.core.errors import UserError
 from lmms_eval_redundancy.core.visuals import PackedVisual
 
 
@@ -20,7 +21,7 @@ def patch_grid(vision_config) -> int:
     return vision_config.image_size // vision_config.patch_size
 
 
-class FamilyError(ValueError):
+class FamilyError(UserError):
     """The model does not have the structure this family expects."""
 
 

@@ -23,12 +23,13 @@ import yaml
 from tqdm import tqdm
 
 from lmms_eval_redundancy.core.budget import BUDGET_KEYS
+from lmms_eval_redundancy.core.errors import UserError
 from lmms_eval_redundancy.core.files import content_id
 from lmms_eval_redundancy.core.registry import UNPRUNED
 from lmms_eval_redundancy.methods import method_class, param_fields
 
 
-class SweepError(ValueError):
+class SweepError(UserError):
     """The sweep spec is malformed."""
 
 

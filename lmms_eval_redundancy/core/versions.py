@@ -10,6 +10,8 @@ SUPPORTED = {
     # were verified on these releases; see docs in README "Supported versions".
     "transformers": SpecifierSet(">=5.23.0,<5.24"),
     "lmms-eval": SpecifierSet("==0.7.3"),
+    # lmms-eval 0.7.3's evaluator imports filelock._api, which filelock 4.3 removed: every run would fail
+    "filelock": SpecifierSet("<4.3"),
 }
 
 
@@ -30,7 +32,7 @@ def check_versions() -> None:
         if found not in spec:
             raise UnsupportedVersionError(
                 f"{package} {found} is not supported; lmms-eval-redundancy was verified with {package}{spec}. "
-                f"Install a supported version with: pip install '{package}{spec}'"
+                f"Install the locked versions with: bash scripts/setup.sh (in a checkout), or: pip install '{package}{spec}'"
             )
 
 

@@ -6,21 +6,63 @@ import argparse
 import sys
 
 from lmms_eval_redundancy.core.errors import UserError
-from lmms_eval_redundancy.families import FAMILIES
+
+
+def _at_least(minimum: int):
+    """An argparse type: a whole number >= ``minimum``."""
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is out of range; give a whole number >= {minimum}")
+        return value
+    return whole_number
 
 
 def _import_codebook(args) -> None:
-    from lmms_eval_redundancy.codebook.store import import_release, load_codebook
+    from pathlib import Path
 
-    out = import_release(args.release, args.out, model=args.model, threshold=args.threshold)
+    from lmms_eval_redundancy.codebook.store import (
+        RELEASE_MODELS,
+        import_release,
+        load_codebook,
+    )
+
+    release = Path(args.release)
+    if not release.is_file():
+        raise UserError(f"release file {release} not found; give the paper's released .pt, e.g. "
+                        ".../241228-162634-llava15/coco_train_500samples_numPrototypes-454.pt")
+    if release.suffix == ".pt":  # what else it is, store.import_release says
+        if args.model is None and not any(key in release.parent.name for key in RELEASE_MODELS):
+            raise UserError(f"cannot tell which model {release} belongs to: its folder name {release.parent.name!r} holds "
+                            f"none of {', '.join(RELEASE_MODELS)} (as the paper's release folders do); pass --model "
+                            "CHECKPOINT, e.g. --model llava-hf/llava-1.5-7b-hf (and --threshold for its recommended threshold)")
+        beside = {release.with_suffix(".json").name: release.with_suffix(".json").is_file(),
+                  "config*.txt": any(release.parent.glob("config*.txt"))}
+        missing = [name for name, found in beside.items() if not found]
+        if missing:
+            print(f"import-codebook: warning: no {' or '.join(missing)} beside {release}: the codebook will not record the "
+                  "source image ids or build settings; put the release's files beside it to keep them", file=sys.stderr)
+    try:
+        out = import_release(release, args.out, model=args.model, threshold=args.threshold)
+    except OSError as err:
+        raise UserError(f"cannot write the codebook to {args.out} ({err}); give a writable path") from err
     codebook = load_codebook(out)
     print(f"wrote {out}: {codebook.prototypes.shape[0]} prototypes of size {codebook.hidden_size} "
           f"for {codebook.meta['model']}")
 
 
 def _make_tiny(args) -> None:
+    from lmms_eval_redundancy.families import FAMILIES
     from lmms_eval_redundancy.testing.tiny import build_tiny_model
+    from lmms_eval_redundancy.core.files import output_folder
 
+    unknown = sorted(set(args.family or ()) - set(FAMILIES))
+    if unknown:
+        raise UserError(f"unknown family {', '.join(unknown)}; families: {', '.join(FAMILIES)}")
+    output_folder(args.out)
     for family in args.family or FAMILIES:
         print(build_tiny_model(family, f"{args.out}/{family}", seed=args.seed))
 
@@ -30,8 +72,9 @@ def _make_local_data(args) -> None:
 
     from lmms_eval_redundancy.embedded.shapes import patch_coverage
     from lmms_eval_redundancy.embedded.tasks import write_local_tasks
+    from lmms_eval_redundancy.core.files import output_folder
 
-    folder = write_local_tasks(args.out, shapes_docs=args.shapes_docs)
+    folder = write_local_tasks(output_folder(args.out), shapes_docs=args.shapes_docs)
     images = datasets.load_dataset("parquet", data_files=str(folder / "data" / "shapes" / "shapes_image.parquet"))["train"]["image"]
     objects, clutter = patch_coverage(images)
     print(f"shapes_image: coloured objects touch {objects:.1%} of the 8-pixel patches, grey distractors {clutter:.1%}")
@@ -88,13 +131,24 @@ def _demo(args) -> None:
 
 
 def _show_kept(args) -> None:
-    from PIL import Image
+    from pathlib import Path
 
-    from lmms_eval_redundancy.tools.show import show_kept, task_image
+    from lmms_eval_redundancy.tools.show import (
+        parse_spec,
+        read_image,
+        show_kept,
+        task_image,
+    )
 
     if bool(args.image) == bool(args.task):
-        raise SystemExit("give either --image PATH or --task NAME (with --doc N)")
-    image = Image.open(args.image).convert("RGB") if args.image else task_image(args.task, args.doc, args.include_path)
+        raise UserError("give either --image PATH or --task NAME (with --doc N), not both or neither")
+    out = Path(args.out)
+    if out.is_dir() or not out.parent.is_dir():
+        raise UserError(f"cannot write the PNG {out}: " + ("it is a folder" if out.is_dir() else f"no folder {out.parent}")
+                        + "; give --out a file path in an existing folder")
+    for spec in args.method:
+        parse_spec(spec)
+    image = read_image(args.image) if args.image else task_image(args.task, args.doc, args.include_path)
     print(show_kept(args.pretrained, image, args.method, args.out, args.scale))
 
 
@@ -120,18 +174,22 @@ def _build_codebook(args) -> None:
     if stats["probed"]:
         print(f"probe stage (rank {rank}): {stats['probed']} images in {stats['seconds']:.1f} s = "
               f"{stats['probed'] / stats['seconds']:.2f} images/s, {stats['forward_passes'] / stats['probed']:.1f} "
-              f"batched forward passes per image (batch_size {settings.batch_size}); "
-              f"{stats['skipped_unreadable']} unreadable skipped")
+              f"batched forward passes per image (batch_size {settings.batch_size})")
     if path:
         report = json.loads((Path(args.out) / "report.json").read_text())
-        print(f"wrote {path}: {report['prototypes']} prototypes from {report['images']} images "
-              f"({report['unreadable']} unreadable); report in {Path(args.out) / 'report.json'}")
+        print(f"wrote {path}: {report['prototypes']} prototypes from {report['images'] - report['unreadable']} of "
+              f"{report['images']} images; report in {Path(args.out) / 'report.json'}")
+        if report["unreadable"]:
+            print(f"{report['unreadable']} unreadable image(s) left out:\n  "
+                  + "\n  ".join(f"{u['where']}: {u['error']}" for u in report["unreadable_images"])
+                  + "\nremove or replace them; a rerun into the same folder probes replaced images again", file=sys.stderr)
 
 
 def _sweep(args) -> None:
-    from pathlib import Path
-
+    from lmms_eval_redundancy.core.files import write_atomically
     from lmms_eval_redundancy.tools.sweep import (
+        SweepError,
+        check_with_lmms_eval,
         dry_run,
         failure_report,
         load_sweep,
@@ -140,11 +198,16 @@ def _sweep(args) -> None:
     )
 
     sweep = load_sweep(args.spec)
+    if args.dry_run or args.slurm:
+        check_with_lmms_eval(sweep)
     if args.dry_run:
         print(dry_run(sweep))
         return
     if args.slurm:
-        Path(args.slurm).write_text(slurm_script(sweep))
+        try:
+            write_atomically(args.slurm, slurm_script(sweep))
+        except OSError as err:
+            raise SweepError(f"cannot write the Slurm script {args.slurm}: {err.strerror}; give a writable path") from None
         print(f"wrote {args.slurm}: a job array of {len(sweep.cells)} cells; submit it with sbatch")
         return
     counts = run_sweep(sweep, only=args.cell)
@@ -156,28 +219,28 @@ def _sweep(args) -> None:
 def _compare(args) -> None:
     from pathlib import Path
 
-    from lmms_eval_redundancy.tools.compare import compare, markdown
+    from lmms_eval_redundancy.tools.compare import collect, compare, markdown
 
+    published = None
+    if args.published:  # read first: a bad file stops the command before anything is written
+        from lmms_eval_redundancy.tools.published import PUBLISHED, load_published
+
+        published = load_published(PUBLISHED if args.published == "shipped" else args.published)
     out = Path(args.out or Path(args.results) / "compare")
     tables, duplicates = compare(args.results, out)
     for model, table in tables.items():
         print(f"## {model}\n")
-        print(markdown(table))
-        print()
+        print(markdown(table, notes=True) + "\n")
     for duplicate in duplicates:
         print(f"duplicate run left out: {duplicate['run']} repeats {', '.join(duplicate['tasks'])} with the same settings "
               f"as {', '.join(duplicate['kept'])}", file=sys.stderr)
-    if args.published:
-        from lmms_eval_redundancy.tools.compare import collect
+    if published is not None:
         from lmms_eval_redundancy.tools.published import (
-            PUBLISHED,
-            load_published,
             side_by_side,
             task_map,
             write_published,
         )
 
-        published = load_published(PUBLISHED if args.published == "shipped" else args.published)
         beside = side_by_side(collect(args.results).frame, published, task_map())
         for model, (table, notes) in beside.items():
             print(f"## {model}: our runs and published numbers\n")
@@ -213,8 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder: codebook.safetensors, report.json, plots, probes/ (the resumable cache)")
     p.add_argument("--settings", default="llava15", help="a YAML of build settings (may name a 'preset:') or a preset: "
                    "llava15, llavanext, llavaov")
-    p.add_argument("--limit", type=int, help="use only the first N images")
-    p.add_argument("--batch-size", type=int, help="probes per forward pass")
+    p.add_argument("--limit", type=_at_least(1), help="use only the first N images")
+    p.add_argument("--batch-size", type=_at_least(1), help="probes per forward pass")
     p.add_argument("--divergence", choices=["jsd_topk", "jsd"], help="default: the settings' (jsd_topk, as officially)")
     p.add_argument("--skip-article", action=argparse.BooleanOptionalAction,
                    help="read the token after a leading article (default: the settings'; the released presets skip it)")
@@ -238,13 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-tiny", help="build tiny random LLaVA-family checkpoints (offline, for tests and demos)")
     p.add_argument("out", help="folder; one sub-folder per family")
-    p.add_argument("--family", action="append", choices=list(FAMILIES))
+    p.add_argument("--family", action="append", help="a LLaVA family (default: every one); repeat")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_tiny)
 
     p = sub.add_parser("make-local-data", help="write the local tasks (tiny_*, shapes_*) and generate their data")
     p.add_argument("--out", default="local_tasks", help="folder for the task files and data (the --include_path)")
-    p.add_argument("--shapes-docs", type=int, default=96, help="documents per shapes task (videos: half as many)")
+    p.add_argument("--shapes-docs", type=_at_least(2), default=96, help="documents per shapes task, at least 2 (videos: half as many)")
     p.set_defaults(func=_make_local_data)
 
     p = sub.add_parser("tasks-path", help="print the folder of the paper's task groups (for --include_path)")
@@ -258,11 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pretrained", help="checkpoint folder or hub id")
     p.add_argument("--image", help="an image file")
     p.add_argument("--task", help="an lmms-eval task; its document --doc gives the image")
-    p.add_argument("--doc", type=int, default=0)
+    p.add_argument("--doc", type=_at_least(0), default=0)
     p.add_argument("--include_path", help="folder of extra task YAMLs (e.g. tasks/local)")
     p.add_argument("--method", action="append", required=True,
                    help='method and its model_args, e.g. "none" or "codebook,codebook=cb.safetensors,threshold=0.45"; repeat')
-    p.add_argument("--scale", type=int, default=4, help="enlarge the tiles by this factor")
+    p.add_argument("--scale", type=_at_least(1), default=4, help="enlarge the tiles by this factor")
     p.add_argument("--out", default="kept.png")
     p.set_defaults(func=_show_kept)
 

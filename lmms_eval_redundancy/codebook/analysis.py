@@ -23,7 +23,7 @@ def jsd(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     """The standard Jensen-Shannon divergence (natural log) of the full softmax distributions."""
     p, q = p_logits.float().softmax(dim=-1), q_logits.float().softmax(dim=-1)
     m = (p + q) / 2
-    kl = lambda a: torch.where(a > 0, a * (a / m).log(), torch.zeros_like(a)).sum(dim=-1)  # noqa: E731
+    kl = lambda a: torch.where(a > 0, a * (a / m).log(), torch.zeros_like(a)).sum(dim=-1)
     return 0.5 * (kl(p) + kl(q))
 
 

@@ -6,14 +6,22 @@ Per image (sharded over processes, each result cached so an interrupted build re
    tokens with and without the window (J_global).
 Then, once every image is done (rank 0): the low-information rule, per-image DPC-KNN filtering and
 the global DPC-KNN prototype selection; every member of a selected cluster becomes a codebook row.
+
+An image that cannot be read leaves a skip marker in the cache recording the file's size and modification
+time (a dataset's fingerprint for dataset rows); a rerun probes the image again once it has changed, so a
+replaced image is never skipped for good. The images that stay unreadable are listed in ``report.json``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import io
 import json
+import math
 import os
 import time
+import typing
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -30,13 +38,18 @@ from lmms_eval_redundancy.codebook.analysis import (
     window_indices,
 )
 from lmms_eval_redundancy.codebook.store import Codebook, save_codebook
+from lmms_eval_redundancy.core.errors import UserError
+from lmms_eval_redundancy.core.files import figure_png, output_folder, write_atomically
 from lmms_eval_redundancy.runtime.loading import load, process_layout
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif"}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
+PRESETS = resources.files("lmms_eval_redundancy.codebook") / "presets"
+# settings that count something: whole numbers >= 1 (min_images may be 0)
+COUNTS = ("per_image_clusters", "per_image_max_size", "global_clusters", "divergence_topk", "probe_topk", "knn", "batch_size")
 
 
-class BuildError(RuntimeError):
-    """The build cannot produce a codebook (and says which setting to change)."""
+class BuildError(UserError):
+    """The build cannot produce a codebook (and says what to change)."""
 
 
 @dataclass
@@ -67,9 +80,53 @@ class BuildSettings:
     batch_size: int = 64
 
     def __post_init__(self):
+        for name, kind in typing.get_type_hints(BuildSettings).items():
+            setattr(self, name, checked_setting(name, getattr(self, name), kind))
         if self.divergence not in DIVERGENCES:
             raise BuildError(f"divergence={self.divergence!r} is unknown; choose one of {', '.join(DIVERGENCES)}")
         self.articles = tuple(self.articles)
+
+
+def checked_setting(name: str, value, kind):
+    """``value`` if it is of the setting's type (a count: a whole number >= 1), else ``BuildError``.
+
+    A number YAML read as a string (``2e-3``: YAML 1.1 wants ``2.0e-3``) is taken as the number."""
+    if value is None and type(None) in typing.get_args(kind):
+        return value
+    expected = next(t for t in (tuple, bool, int, float, str) if t in (kind, typing.get_origin(kind), *typing.get_args(kind)))
+    if expected is float:
+        try:
+            value = float(value) if isinstance(value, str) else value
+        except ValueError:
+            pass
+        valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    elif expected is int:
+        valid = isinstance(value, int) and not isinstance(value, bool) and (value >= 1 if name in COUNTS else value >= 0)
+    elif expected is tuple:
+        valid = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+    else:
+        valid = isinstance(value, expected)
+    if not valid:
+        what = {float: "a finite number", str: "a string", bool: "true or false", tuple: "a list of strings",
+                int: "a whole number >= 1" if name in COUNTS else "a whole number >= 0"}[expected]
+        raise BuildError(f"build setting {name}={value!r} is not {what}")
+    return value
+
+
+def did_you_mean(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def read_settings_file(path: Path) -> dict:
+    """The mapping of a build-settings YAML; ``BuildError`` naming the file if it is not one."""
+    try:
+        values = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise BuildError(f"cannot read build settings {path}: {err}") from err
+    if not isinstance(values, (dict, type(None))):
+        raise BuildError(f"build settings {path} must be a mapping of setting: value, not a {type(values).__name__}")
+    return values or {}
 
 
 def load_settings(path_or_preset: str | Path, **overrides) -> BuildSettings:
@@ -77,28 +134,44 @@ def load_settings(path_or_preset: str | Path, **overrides) -> BuildSettings:
     values: dict = {}
     source = str(path_or_preset)
     if Path(source).is_file():
-        values = yaml.safe_load(Path(source).read_text()) or {}
+        values = read_settings_file(Path(source))
         source = values.pop("preset", None)
+    elif Path(source).suffix in (".yaml", ".yml") or os.sep in source:
+        raise BuildError(f"settings file {source} not found; give an existing YAML or a preset name")
     if source:
-        preset = resources.files("lmms_eval_redundancy.codebook") / "presets" / f"{source}.yaml"
-        if not preset.is_file():
-            names = sorted(p.name.removesuffix(".yaml") for p in (resources.files("lmms_eval_redundancy.codebook") / "presets").iterdir())
-            raise BuildError(f"no settings file or preset named {source!r}; presets: {', '.join(names)}")
-        values = {**yaml.safe_load(preset.read_text()), **values}
+        names = sorted(p.name.removesuffix(".yaml") for p in PRESETS.iterdir() if p.name.endswith(".yaml"))
+        if source not in names:
+            raise BuildError(f"no settings file or preset named {source!r}{did_you_mean(str(source), names)}; "
+                             f"presets: {', '.join(names)}")
+        values = {**yaml.safe_load((PRESETS / f"{source}.yaml").read_text()), **values}
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in dataclasses.fields(BuildSettings)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise BuildError(f"unknown build setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise BuildError(f"unknown build setting(s) {', '.join(k + did_you_mean(k, known) for k in unknown)} in "
+                         f"{path_or_preset}; known: {', '.join(sorted(known))}")
     try:
         return BuildSettings(**values)
     except TypeError as err:
         raise BuildError(f"incomplete build settings ({err}); start from a preset: preset: llava15") from err
 
 
-def list_images(source: str | Path, limit: int | None = None) -> list[tuple[str, object]]:
-    """``(image id, loader)`` pairs from a folder of images or a dataset saved with ``save_to_disk``."""
+@dataclass
+class TrainingImage:
+    """One image to probe, read on demand."""
+
+    id: str
+    read: typing.Callable[[], Image.Image]
+    where: str  # the file, or the dataset row (for messages)
+    version: str  # changes when the image does: a file's size and modification time, a dataset's fingerprint
+
+
+def list_images(source: str | Path, limit: int | None = None) -> list[TrainingImage]:
+    """The images of a folder or of a dataset saved with ``save_to_disk`` (the first ``limit``); ``BuildError``
+    when there are none."""
     source = Path(source)
+    if limit is not None and limit < 1:
+        raise BuildError(f"limit={limit}: give a whole number >= 1 of images to use, or no limit for all")
     if (source / "dataset_info.json").is_file() or (source / "dataset_dict.json").is_file():
         import datasets
 
@@ -106,13 +179,20 @@ def list_images(source: str | Path, limit: int | None = None) -> list[tuple[str,
         if isinstance(data, datasets.DatasetDict):
             data = data["train"] if "train" in data else next(iter(data.values()))
         ids = data["id"] if "id" in data.column_names else list(range(len(data)))
-        items = [(str(i), lambda row=row: data[row]["image"]) for row, i in enumerate(ids)]
+        items = [TrainingImage(str(i), lambda row=row: data[row]["image"], f"{source} row {row}", data._fingerprint)
+                 for row, i in enumerate(ids)]
     elif source.is_dir():
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        items = [(p.stem, lambda p=p: Image.open(p)) for p in files]
+        items = [TrainingImage(p.stem, lambda p=p: Image.open(p), str(p), f"{p.stat().st_size}-{p.stat().st_mtime_ns}")
+                 for p in files]
     else:
-        raise BuildError(f"{source} is neither a folder of images nor a dataset saved with save_to_disk")
-    return items[:limit] if limit else items
+        what = "does not exist" if not source.exists() else "is not a folder"
+        raise BuildError(f"images folder {source} {what}; give a folder of images ({', '.join(IMAGE_SUFFIXES)}) or a "
+                         "dataset saved with datasets' save_to_disk (column 'image')")
+    if not items:
+        raise BuildError(f"no images in {source} (files ending {', '.join(IMAGE_SUFFIXES)}, or a dataset saved with "
+                         "save_to_disk); put the training images there or give the folder that holds them")
+    return items[:limit]
 
 
 WORD_START_MARKERS = ("\u2581", "\u0120")  # sentencepiece "▁", byte-level BPE "Ġ"
@@ -209,46 +289,65 @@ class Prober:
         return {"p_max": p_max.cpu(), "j_context": j_context.cpu(), "j_global": j_global.cpu()}
 
 
-def _write_atomically(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def skip_marker(cache: Path, image: TrainingImage) -> Path:
+    return cache / f"{image.id}.skip"
 
 
-def probe_images(pretrained: str, images: list, cache: Path, settings: BuildSettings, rank: int = 0,
+def unreadable_reason(cache: Path, image: TrainingImage) -> str | None:
+    """Why ``image`` could not be read, if a skip marker says so for its current version (else ``None``: a
+    marker of an older version of the image, or of an older format, does not count)."""
+    try:
+        marker = json.loads(skip_marker(cache, image).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker.get("error") if isinstance(marker, dict) and marker.get("version") == image.version else None
+
+
+def settled(cache: Path, image: TrainingImage) -> bool:
+    """Probed, or found unreadable in its current version."""
+    return (cache / f"{image.id}.pt").is_file() or unreadable_reason(cache, image) is not None
+
+
+def probe_images(pretrained: str, images: list[TrainingImage], cache: Path, settings: BuildSettings, rank: int = 0,
                  world_size: int = 1, device: str | None = None) -> dict:
-    """Probe this process's share of ``images`` into ``cache``, skipping images already there."""
+    """Probe this process's share of ``images`` into ``cache``, skipping images already settled there.
+
+    The model is loaded at the first readable image: a share of only unreadable images loads nothing.
+    """
     cache.mkdir(parents=True, exist_ok=True)
-    mine = [(i, image_id, load) for i, (image_id, load) in enumerate(images) if i % world_size == rank]
-    todo = [item for item in mine if not (cache / f"{item[1]}.pt").is_file() and not (cache / f"{item[1]}.skip").is_file()]
+    mine = [image for i, image in enumerate(images) if i % world_size == rank]
+    todo = [image for image in mine if not settled(cache, image)]
     stats = {"assigned": len(mine), "probed": 0, "skipped_unreadable": 0, "seconds": 0.0, "forward_passes": 0}
-    if not todo:
-        return stats
-    loaded = load(pretrained, device=device)
-    prober = Prober(loaded.model, loaded.processor, loaded.family, settings)
-    start = time.perf_counter()
-    for _, image_id, read in tqdm(todo, desc=f"probing (rank {rank})", disable=rank != 0 and world_size > 1):
+    prober, start = None, time.perf_counter()
+    for image in tqdm(todo, desc=f"probing (rank {rank})", disable=rank != 0 and world_size > 1):
         try:
-            image = read()
-            image.load()
+            pixels = image.read()
+            pixels.load()
         except (OSError, UnidentifiedImageError, ValueError) as err:
-            (cache / f"{image_id}.skip").write_text(f"unreadable: {err}\n")
+            write_atomically(skip_marker(cache, image), json.dumps({"version": image.version, "where": image.where,
+                                                                    "error": str(err)}))
             stats["skipped_unreadable"] += 1
             continue
-        tokens, grid = prober.visual_tokens(image)
+        if prober is None:
+            loaded = load(pretrained, device=device)
+            prober, start = Prober(loaded.model, loaded.processor, loaded.family, settings), time.perf_counter()
+        tokens, grid = prober.visual_tokens(pixels)
         result = prober.probe(tokens, grid)
-        _write_atomically({**result, "features": tokens.cpu(), "grid": grid}, cache / f"{image_id}.pt")
+        probe_file = io.BytesIO()
+        torch.save({**result, "features": tokens.cpu(), "grid": grid}, probe_file)
+        write_atomically(cache / f"{image.id}.pt", probe_file.getvalue())
+        skip_marker(cache, image).unlink(missing_ok=True)
         stats["probed"] += 1
-    stats["seconds"] = time.perf_counter() - start
-    stats["forward_passes"] = prober.forward_passes
+    if prober:
+        stats.update(seconds=time.perf_counter() - start, forward_passes=prober.forward_passes)
     return stats
 
 
-def wait_for(cache: Path, image_ids: list[str], timeout: float, poll: float = 2.0) -> None:
-    """Block until every image has a result or an unreadable marker (other ranks may still be probing)."""
+def wait_for(cache: Path, images: list[TrainingImage], timeout: float, poll: float = 2.0) -> None:
+    """Block until every image is settled (other ranks may still be probing)."""
     deadline = time.monotonic() + timeout
     while True:
-        missing = [i for i in image_ids if not (cache / f"{i}.pt").is_file() and not (cache / f"{i}.skip").is_file()]
+        missing = [image.id for image in images if not settled(cache, image)]
         if not missing:
             return
         if time.monotonic() > deadline:
@@ -306,7 +405,7 @@ def write_report(out_dir: Path, report: dict, results: dict[str, dict], settings
     p_max = torch.cat([r["p_max"] for r in results.values()])
     j = torch.cat([settings.context_weight * r["j_context"] + settings.global_weight * r["j_global"] for r in results.values()])
     report = {**report, "probe_medians": {"p_max": round(float(p_max.median()), 4), "J": float(f"{float(j.median()):.3g}")}}
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    write_atomically(out_dir / "report.json", json.dumps(report, indent=2, default=str))
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.scatter(j.numpy(), p_max.numpy(), s=4, alpha=0.5)
     ax.axvline(settings.jsd_thres, color="red", linestyle="--", label=f"jsd_thres {settings.jsd_thres:g}")
@@ -315,40 +414,56 @@ def write_report(out_dir: Path, report: dict, results: dict[str, dict], settings
     ax.set_ylabel("p_max (single-token probe)")
     ax.legend(loc="upper right")
     fig.tight_layout()
-    fig.savefig(out_dir / "report_scatter.png", dpi=120)
-    plt.close(fig)
+    write_atomically(out_dir / "report_scatter.png", figure_png(fig))
     counts = report.get("prototypes_per_cluster", {})
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.bar([str(c) for c in counts], list(counts.values()))
     ax.set_xlabel("selected global cluster")
     ax.set_ylabel("prototypes")
     fig.tight_layout()
-    fig.savefig(out_dir / "report_clusters.png", dpi=120)
-    plt.close(fig)
+    write_atomically(out_dir / "report_clusters.png", figure_png(fig))
+
+
+def unreadable_images(cache: Path, images: list[TrainingImage]) -> list[dict]:
+    """The images without a probe result, each with where it is and why it could not be read."""
+    return [{"id": image.id, "where": image.where, "error": unreadable_reason(cache, image)}
+            for image in images if not (cache / f"{image.id}.pt").is_file()]
 
 
 def build_codebook(pretrained: str, images: str | Path, out_dir: str | Path, settings: BuildSettings,
                    limit: int | None = None, device: str | None = None, wait_timeout: float = 86400.0) -> Path | None:
     """Probe (sharded by ``RANK``/``WORLD_SIZE``), then on rank 0 select prototypes and write the codebook.
 
-    Returns the codebook path on rank 0, ``None`` on other ranks.
+    Returns the codebook path on rank 0, ``None`` on other ranks. Images that cannot be read are left out
+    (listed in ``report.json``); if none can be read, ``BuildError`` names them.
     """
-    out_dir = Path(out_dir)
+    items = list_images(images, limit)
+    out_dir = output_folder(out_dir)
     cache = out_dir / "probes"
     layout = process_layout()
     rank, world_size = layout.rank, layout.world_size
-    items = list_images(images, limit)
-    if not items:
-        raise BuildError(f"no images found in {images}")
     stats = probe_images(pretrained, items, cache, settings, rank, world_size, device)
-    (out_dir / f"probe_stats_rank{rank}.json").write_text(json.dumps(stats, indent=2))
+    write_atomically(out_dir / f"probe_stats_rank{rank}.json", json.dumps(stats, indent=2))
     if rank != 0:
         return None
-    ids = [image_id for image_id, _ in items]
-    wait_for(cache, ids, wait_timeout)
+    wait_for(cache, items, wait_timeout)
+    unreadable = unreadable_images(cache, items)
+    shown = "".join(f"\n  {u['where']}: {u['error']}" for u in unreadable[:10]) + (
+        f"\n  ... and {len(unreadable) - 10} more" if len(unreadable) > 10 else "")
+    if len(unreadable) == len(items):
+        raise BuildError(f"none of the {len(items)} images could be read:{shown}\nreplace them with readable images "
+                         "(or give the right folder); a rerun probes replaced images again")
+    ids = [image.id for image in items]
     results = {i: torch.load(cache / f"{i}.pt", weights_only=True) for i in ids if (cache / f"{i}.pt").is_file()}
-    prototypes, image_ids, report = select_prototypes(results, settings)
-    report.update(images=len(ids), unreadable=len(ids) - len(results), settings=dataclasses.asdict(settings))
+    try:
+        prototypes, image_ids, report = select_prototypes(results, settings)
+    except BuildError as err:
+        if not unreadable:
+            raise
+        raise BuildError(f"{err}\n{len(unreadable)} of the {len(items)} images could not be read and were left out:"
+                         f"{shown}\nremove or replace them") from err
+    report.update(images=len(ids), unreadable=len(unreadable), unreadable_images=unreadable,
+                  settings=dataclasses.asdict(settings))
     meta = {"model": pretrained, "source": "build-codebook", "settings": json.dumps(dataclasses.asdict(settings), sort_keys=True),
             "image_ids": json.dumps(image_ids)}
     path = save_codebook(Codebook(prototypes.contiguous(), meta), out_dir / "codebook.safetensors")

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
 from lmms_eval_redundancy.core.errors import UserError
+from lmms_eval_redundancy.core.files import write_atomically
 
 FORMAT = "lmms-eval-redundancy-codebook/1"
 EMBEDDING_SPACE = "post_projector"
@@ -58,39 +59,69 @@ class Codebook:
             )
 
 
+REMAKE = ("rebuild it with `lmms-eval-redundancy build-codebook`, or convert the paper's release .pt with "
+          "`lmms-eval-redundancy import-codebook`")
+
+
 def check_codebook_path(path: str | Path) -> Path:
     path = Path(path)
+    if path.is_dir():
+        raise CodebookError(f"codebook {path} is a folder; pass codebook=PATH to a codebook .safetensors file or a release .pt")
     if not path.is_file():
-        raise CodebookError(f"codebook file not found: {path}; pass codebook=PATH to an existing .safetensors or release .pt")
+        raise CodebookError(f"codebook file not found: {path}; pass codebook=PATH to an existing .safetensors or "
+                            f"release .pt, or {REMAKE}")
     if path.suffix not in (".safetensors", ".pt"):
         raise CodebookError(f"codebook {path} is neither a .safetensors codebook nor a release .pt")
     return path
+
+
+def _checked_prototypes(prototypes: torch.Tensor, path: Path) -> torch.Tensor:
+    """``prototypes`` if they are a non-empty ``[P, D]`` floating-point tensor of finite values."""
+    if prototypes.dim() != 2 or 0 in prototypes.shape:
+        raise CodebookError(f"codebook {path}: prototypes must be a non-empty [P, D] tensor, got "
+                            f"{tuple(prototypes.shape)}; {REMAKE}")
+    if not prototypes.is_floating_point():
+        raise CodebookError(f"codebook {path}: prototypes are {prototypes.dtype}, not floating point; {REMAKE}")
+    non_finite = int((~torch.isfinite(prototypes)).sum())
+    if non_finite:
+        raise CodebookError(f"codebook {path}: {non_finite} of its {prototypes.numel()} prototype values are not finite "
+                            f"(NaN or inf); {REMAKE}")
+    return prototypes
 
 
 def _load_release_tensor(path: Path) -> torch.Tensor:
     try:
         tensor = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a release tensor"
-        raise CodebookError(f"cannot read {path} as a released codebook tensor: {err}") from err
-    if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
-        raise CodebookError(f"{path} does not hold a 2-D tensor [prototypes, hidden size]")
-    return tensor
+        raise CodebookError(f"cannot read {path} as a released codebook tensor: {err}; it is truncated or not the "
+                            "paper's release .pt: download the release again") from err
+    if not isinstance(tensor, torch.Tensor):
+        raise CodebookError(f"{path} does not hold a 2-D tensor [prototypes, hidden size] but {type(tensor).__name__}; "
+                            "import-codebook reads the paper's released .pt files")
+    return _checked_prototypes(tensor, path)
+
+
+def _read_safetensors(path: Path) -> Codebook:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta, names = dict(handle.metadata() or {}), list(handle.keys())
+            if meta.get("format") != FORMAT or "prototypes" not in names:
+                raise CodebookError(f"{path} is not a codebook in format {FORMAT} (tensors {names}, format tag "
+                                    f"{meta.get('format')!r}; a codebook holds 'prototypes'); {REMAKE}")
+            prototypes = handle.get_tensor("prototypes")
+    except SafetensorError as err:
+        raise CodebookError(f"codebook {path} is not a readable .safetensors file ({err}): it is truncated or in "
+                            f"another format; {REMAKE}") from None
+    except OSError as err:
+        raise CodebookError(f"cannot read codebook {path}: {err}; check that the file exists and is readable") from None
+    return Codebook(_checked_prototypes(prototypes, path), {**meta, "path": str(path)})
 
 
 def load_codebook(path: str | Path) -> Codebook:
-    """Load a project codebook (``.safetensors``) or a release ``.pt`` (metadata read from its folder)."""
+    """Load a project codebook (``.safetensors``) or a release ``.pt`` (metadata read from its folder), refusing
+    unreadable files and prototypes that are empty, not ``[P, D]`` or not finite."""
     path = check_codebook_path(path)
-    if path.suffix == ".pt":
-        return release_codebook(path)
-    with safe_open(str(path), framework="pt") as handle:
-        meta = dict(handle.metadata() or {})
-        if meta.get("format") != FORMAT or "prototypes" not in handle.keys():
-            raise CodebookError(f"{path} is not a codebook in format {FORMAT} (no 'prototypes' tensor or format tag)")
-        prototypes = handle.get_tensor("prototypes")
-    if prototypes.dim() != 2 or prototypes.shape[0] == 0:
-        raise CodebookError(f"{path}: prototypes must be a non-empty [P, D] tensor, got {tuple(prototypes.shape)}")
-    meta["path"] = str(path)
-    return Codebook(prototypes, meta)
+    return release_codebook(path) if path.suffix == ".pt" else _read_safetensors(path)
 
 
 def _release_settings(folder: Path) -> dict:
@@ -127,17 +158,21 @@ def release_codebook(path: str | Path, model: str | None = None, threshold: floa
 
 
 def save_codebook(codebook: Codebook, out: str | Path) -> Path:
-    """Write ``codebook`` in the project format; returns the file written."""
+    """Write ``codebook`` in the project format, all or nothing; returns the file written."""
     out = Path(out)
     if out.suffix != ".safetensors":
         out = out / "codebook.safetensors" if out.is_dir() or not out.suffix else out.with_suffix(".safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {k: str(v) for k, v in codebook.meta.items() if k != "path"}
     meta.update(format=FORMAT, hidden_size=str(codebook.hidden_size), embedding_space=EMBEDDING_SPACE)
-    save_file({"prototypes": codebook.prototypes.contiguous()}, str(out), metadata=meta)
+    write_atomically(out, save({"prototypes": codebook.prototypes.contiguous()}, metadata=meta))
     return out
 
 
 def import_release(release: str | Path, out: str | Path, model: str | None = None, threshold: float | None = None) -> Path:
     """Convert a paper release ``.pt`` into the project format at ``out``."""
-    return save_codebook(release_codebook(check_codebook_path(release), model, threshold), out)
+    release = check_codebook_path(release)
+    if release.suffix == ".safetensors":
+        raise CodebookError(f"{release} is a .safetensors codebook, already in this project's format: use it directly "
+                            f"(codebook={release}); import-codebook converts the paper's released .pt files")
+    return save_codebook(release_codebook(release, model, threshold), out)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from lmms_eval_redundancy.core.errors import UserError
 
 BUDGET_KEYS = ("retention", "tokens", "threshold")
+EXAMPLES = "give e.g. retention=0.25, tokens=64 or threshold=0.45"
 
 
 class BudgetError(UserError):
@@ -50,11 +51,13 @@ def parse_budget(retention=None, tokens=None, threshold=None) -> Budget | None:
         return None
     kind, raw = next(iter(given.items()))
     try:
+        if isinstance(raw, bool):  # lmms-eval's parser turns `true` into a bool
+            raise TypeError(raw)
         value = float(raw)
-    except (TypeError, ValueError) as err:
-        raise BudgetError(f"{kind}={raw!r} is not a number") from err
+    except (TypeError, ValueError):
+        raise BudgetError(f"{kind}={raw!r} is not a number; {EXAMPLES}") from None
     if not math.isfinite(value):
-        raise BudgetError(f"{kind}={raw!r} is not a finite number")
+        raise BudgetError(f"{kind}={raw!r} is not a finite number; {EXAMPLES}")
     if kind == "retention" and not 0 < value <= 1:
         raise BudgetError(f"retention={raw} is out of range; use 0 < retention <= 1 (e.g. retention=0.111 keeps 64 of 576)")
     if kind == "tokens" and (value != int(value) or value < 1):

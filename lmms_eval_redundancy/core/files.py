@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from pathlib import Path
+
+from lmms_eval_redundancy.core.errors import UserError
 
 
 def content_id(path: str | Path, length: int = 10) -> str:
@@ -27,3 +30,25 @@ def write_atomically(path: str | Path, data: str | bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def output_folder(out: str | Path) -> Path:
+    """``out``, created if needed; ``UserError`` when it cannot be created or written (checked before any work)."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the output folder {out} ({err}); give a writable folder") from err
+    if not os.access(out, os.W_OK):
+        raise UserError(f"the output folder {out} is not writable; give a writable folder")
+    return out
+
+
+def figure_png(fig, dpi: int = 120) -> bytes:
+    """A matplotlib figure as PNG bytes (for ``write_atomically``: never a half-drawn plot); closes it."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    return buffer.getvalue()

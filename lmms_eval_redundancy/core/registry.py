@@ -11,8 +11,9 @@ import types
 import typing
 from enum import Enum
 
-from lmms_eval_redundancy.core.errors import UserError
 from lmms_eval_redundancy.core.budget import Budget
+from lmms_eval_redundancy.core.errors import UserError
+from lmms_eval_redundancy.core.values import strict_bool, whole_number
 
 UNPRUNED = "none"  # the method that keeps every token: the reference of every comparison
 PATHS_KEY = "paths"  # settings entry with the paths of file parameters (identity is their content, recorded apart)
@@ -64,18 +65,16 @@ def _coerce(value, annotation, key: str):
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
     if value is None:
         return None
-    if annotation is bool:
-        text = str(value).lower()
-        if text in ("true", "1", "yes", "false", "0", "no"):
-            return text in ("true", "1", "yes")
-    else:
+    readers = {bool: strict_bool, int: whole_number}
+    if annotation in readers:
         try:
-            converted = annotation(float(value)) if annotation is int else annotation(value)
-            if annotation is not int or converted == float(value):
-                return converted
-        except (TypeError, ValueError):
-            pass
-    raise MethodError(f"{key}={value!r} is not a valid {annotation.__name__}")
+            return readers[annotation](key, value)
+        except UserError as err:
+            raise MethodError(str(err)) from None
+    try:
+        return annotation(value)
+    except (TypeError, ValueError):
+        raise MethodError(f"{key}={value!r} is not a valid {annotation.__name__}") from None
 
 
 def build_method(name: str, budget: Budget, faithful: bool = False, **raw_params):

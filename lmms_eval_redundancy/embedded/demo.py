@@ -5,7 +5,9 @@ codebook's calibrated thresholds) over ``shapes_image``, ``shapes_multi_image`` 
 against the unpruned model, one ``lmms_eval`` run per cell, then writes the comparison tables and plots.
 Everything it writes goes under its output folder (default ``./results``); nothing is downloaded; a
 rerun skips finished cells. The runs go to ``runs/<inputs_stamp>``, so runs of another version of the
-model, codebook or benchmark data are never reused (nor deleted).
+model, codebook or benchmark data are never reused (nor deleted). A cell failing because of the Python
+environment (an import error, an unsupported version) stops the job at once with that error and the fix;
+when no cell finished there is nothing to compare, and the job ends with the cells' errors.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 import yaml
 
 from lmms_eval_redundancy.codebook.store import load_codebook
+from lmms_eval_redundancy.core.errors import UserError
+from lmms_eval_redundancy.core.files import write_atomically
 from lmms_eval_redundancy.core.registry import UNPRUNED
 from lmms_eval_redundancy.embedded.shapes_codebook import CODEBOOK
 from lmms_eval_redundancy.embedded.tasks import data_stamp, write_local_tasks
@@ -72,11 +76,18 @@ def run(out_dir: str | Path = "results", batch_size: int = 16) -> dict:
     from lmms_eval_redundancy.tools.sweep import failure_report, load_sweep, run_sweep
 
     out_dir = Path(out_dir).resolve()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the output folder {out_dir}: {err.strerror}; give --out a folder you can write") from None
     tasks_dir = write_local_tasks(out_dir / "tasks", shapes_docs=SHAPES_DOCS)
     runs_dir = out_dir / "runs" / inputs_stamp()
     spec_path = out_dir / "sweep.yaml"
-    spec_path.write_text(yaml.safe_dump(sweep_spec(runs_dir, tasks_dir, batch_size), sort_keys=False))
-    counts = run_sweep(load_sweep(spec_path), env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    write_atomically(spec_path, yaml.safe_dump(sweep_spec(runs_dir, tasks_dir, batch_size), sort_keys=False))
+    sweep = load_sweep(spec_path)
+    counts = run_sweep(sweep, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    if not any(cell.done for cell in sweep.cells):
+        raise SystemExit(f"{failure_report(counts['failed'])}\nno cell finished, so there is nothing to compare")
     tables, _ = compare(runs_dir, out_dir / "compare")
     for table in tables.values():
         print(markdown(table))

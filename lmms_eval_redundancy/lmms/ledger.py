@@ -3,12 +3,13 @@
 During a run each process appends one JSON line per sample to ``<dir>/tokens/<launch>/rank<R>.jsonl``
 (flushed after every batch, so an interrupted run keeps what it finished). When the process of rank 0
 exits, it merges all ranks' records into ``<date>_tokens.json`` next to lmms-eval's
-``<date>_results.json``.
+``<date>_results.json``, written atomically: a failed write leaves no file and exits with status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -18,6 +19,9 @@ import sys
 import time
 import uuid
 from pathlib import Path
+
+from lmms_eval_redundancy.core.errors import UserError
+from lmms_eval_redundancy.core.files import write_atomically
 
 
 def output_path_from_argv(argv: list[str]) -> str | None:
@@ -81,8 +85,15 @@ def summarize_efficiency(samples: list[dict]) -> dict:
     return out
 
 
+class LedgerError(UserError):
+    """The token record cannot be written (a full disk, a folder without write permission)."""
+
+
 class TokenLedger:
-    """Collects unit records of one process and writes the run summary at exit (rank 0)."""
+    """Collects unit records of one process and writes the run summary at exit (rank 0).
+
+    The log folder appears with the first record, so a run refused before any sample leaves nothing behind.
+    """
 
     def __init__(self, rank: int, world_size: int, results_dir: Path | None, settings: dict):
         self.rank, self.world_size = rank, world_size
@@ -92,22 +103,59 @@ class TokenLedger:
         self.samples: list[dict] = []
         self.launch = launch_id(world_size)
         self.log_dir = results_dir / "tokens" / self.launch if results_dir else None
+        self.discarded = False
         self._stream = None
-        if self.log_dir:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            self._stream = open(self.log_dir / f"rank{rank}.jsonl", "w", encoding="utf-8")
+        self._created: list[Path] = []  # folders this process made for its log, deepest first
+
+    @property
+    def log_file(self) -> Path:
+        return self.log_dir / f"rank{self.rank}.jsonl"
+
+    @contextlib.contextmanager
+    def _writing_log(self):
+        """A failed write to this rank's log (a full disk, a read-only folder) as a ``LedgerError``."""
+        try:
+            yield
+        except OSError as err:
+            raise LedgerError(f"cannot write the token records to {self.log_file}: {err}; free disk space "
+                              "(or make the folder writable) and rerun") from err
+
+    def _open(self) -> None:
+        self._created = [p for p in (self.log_dir, *self.log_dir.parents) if not p.exists()]
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._stream = open(self.log_file, "w", encoding="utf-8")
 
     def add(self, request: str, task: str, split: str, doc_id: int, records: list, efficiency: dict | None = None) -> None:
         sample = {"request": request, "task": task, "split": split, "doc_id": doc_id,
                   "units": [{k: v for k, v in dataclasses.asdict(r).items() if v is not None} for r in records],
                   "efficiency": efficiency or {}}
         self.samples.append(sample)
-        if self._stream:
-            self._stream.write(json.dumps(sample) + "\n")
+        if self.log_dir:
+            with self._writing_log():
+                if self._stream is None:
+                    self._open()
+                self._stream.write(json.dumps(sample) + "\n")
 
     def flush(self) -> None:
         if self._stream:
-            self._stream.flush()
+            with self._writing_log():
+                self._stream.flush()
+
+    def _close(self) -> None:
+        if self._stream:
+            stream, self._stream = self._stream, None
+            stream.close()
+
+    def discard(self) -> None:
+        """Drop this process's log and the folders made for it, and write no summary (a refused run)."""
+        self.discarded = True
+        with contextlib.suppress(OSError):
+            self._close()
+        if self.log_dir:
+            self.log_file.unlink(missing_ok=True)
+            for folder in self._created:
+                with contextlib.suppress(OSError):  # left when other ranks' logs are still in it
+                    folder.rmdir()
 
     def _all_samples(self) -> list[dict]:
         """Every rank's records (read back from the per-rank streams)."""
@@ -121,26 +169,45 @@ class TokenLedger:
         return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
 
     def finish(self) -> Path | None:
-        """Close this rank's stream; on rank 0 write the merged summary. Returns the file written."""
-        if self._stream:
-            self._stream.close()
-            self._stream = None
-        if self.rank != 0 or not self.results_dir:
+        """Close this rank's stream; on rank 0 write the merged summary. Returns the file written (none when
+        the run was discarded, or recorded no sample and wrote no results). A failed write is a ``LedgerError``
+        and leaves no summary file, not even a part of one."""
+        self._close()
+        if self.rank != 0 or not self.results_dir or self.discarded:
             return None
         samples = self._all_samples()
+        results = self._results_file()
+        if not samples and results is None:
+            return None
         summary = {"settings": self.settings, "world_size": self.world_size, **summarize(samples)}
         retention = summary["achieved_retention"]
         # Printed, not logged: this runs at interpreter exit, when log sinks may already be closed.
         print(f"llava_redundancy tokens: {summary['visual_tokens_after']} of {summary['visual_tokens_before']} visual "
               f"tokens kept (retention {'n/a' if retention is None else f'{retention:.4f}'}), "
               f"floor hits {summary['floor_hits']}", file=sys.stderr)
-        results = self._results_file()
         stem = results.name[: -len("_results.json")] if results else f"run-{self.launch}"
         summary["results_file"] = results.name if results else None
         out = self.results_dir / f"{stem}_tokens.json"
-        out.write_text(json.dumps({**summary, "per_sample": samples}, indent=2))
+        try:
+            write_atomically(out, json.dumps({**summary, "per_sample": samples}, indent=2))
+        except OSError as err:
+            raise LedgerError(f"could not write the token summary {out}: {err}; the run's results are incomplete "
+                              f"without it (compare and sweep need it): free disk space (or make the folder "
+                              "writable) and rerun") from err
         print(f"llava_redundancy token summary written to {out}", file=sys.stderr)
         return out
+
+    def finish_at_exit(self) -> None:
+        """``finish`` as an exit handler. Exit handlers cannot change the exit status by raising, so a summary
+        that cannot be written prints its error and ends the process with status 1 (``os._exit`` after flushing
+        stdio; the exit handlers registered before this one, lmms-eval's included, do not run)."""
+        try:
+            self.finish()
+        except LedgerError as err:
+            print(f"llava_redundancy: error: {err}", file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
 
 
 def results_dir_for(pretrained: str, output_dir: str | None = None) -> Path | None:

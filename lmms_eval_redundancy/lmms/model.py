@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
+import difflib
+import functools
 import inspect
 
 import torch
@@ -15,21 +18,25 @@ from tqdm import tqdm
 from transformers import LogitsProcessorList
 
 from lmms_eval_redundancy.core.budget import KEEP_ALL, parse_budget
+from lmms_eval_redundancy.core.errors import UserError
 from lmms_eval_redundancy.core.registry import UNPRUNED, MethodError
+from lmms_eval_redundancy.core.values import positive_int, strict_bool
 from lmms_eval_redundancy.lmms.ledger import TokenLedger, results_dir_for
-from lmms_eval_redundancy.methods import build_method, param_names
+from lmms_eval_redundancy.methods import available_methods, build_method, param_names
 from lmms_eval_redundancy.runtime.efficiency import (
     BatchMeter,
     cache_bytes,
     sample_flops,
 )
 from lmms_eval_redundancy.runtime.engine import PruningEngine
-from lmms_eval_redundancy.runtime.loading import load, process_layout
+from lmms_eval_redundancy.runtime.loading import PRETRAINED_FORMS, load, process_layout
 from lmms_eval_redundancy.runtime.prompts import (
     chat_prompt,
     chat_template_of,
     load_video_frames,
 )
+
+BATCH_SIZE_USAGE = " (lmms-eval's --batch_size N; batches here have a fixed size, so `auto` is not supported)"
 
 
 def scored_continuation(logprob: float, is_greedy: bool) -> GenerationResult:
@@ -42,18 +49,74 @@ def scored_continuation(logprob: float, is_greedy: bool) -> GenerationResult:
     return GenerationResult(text=(logprob, is_greedy))
 
 
+def model_args_of(arg_string: str) -> dict:
+    """lmms-eval's reading of ``--model_args`` (``true``/``false`` become bools, digits ints), checked."""
+    try:
+        args = utils.simple_parse_args_string(arg_string)
+    except ValueError:
+        raise UserError(f"--model_args {arg_string!r} is not a comma-separated list of key=value") from None
+    if "pretrained" not in args:
+        raise UserError(f"--model_args needs pretrained=: {PRETRAINED_FORMS}")
+    return args
+
+
+def key_hint(key: str, accepted: list[str]) -> str | None:
+    """What an unknown model_args key may have meant: the methods that take it, or a close accepted key."""
+    owners = [name for name in available_methods() if key in param_names(name)]
+    if owners:
+        return f"{key}= is a parameter of method {', '.join(owners)}"
+    close = difflib.get_close_matches(key, accepted, n=1)
+    return f"did you mean {close[0]}=?" if close else None
+
+
+@contextlib.contextmanager
+def user_errors_end_the_run(ledger: TokenLedger | None = None):
+    """A ``UserError`` inside the block ends the process as ``SystemExit("llava_redundancy: error: ...")``
+    (status 1, the message without a traceback), dropping ``ledger``'s records.
+
+    lmms-eval catches every ``Exception`` from a model, prints its traceback and exits 0; ``SystemExit`` passes.
+    """
+    try:
+        yield
+    except UserError as err:
+        if ledger is not None:
+            ledger.discard()
+        raise SystemExit(f"llava_redundancy: error: {err}") from None
+
+
+def ending_the_run_on_user_errors(request):
+    """A request method whose ``UserError``s end the run (``user_errors_end_the_run``) under lmms-eval."""
+
+    @functools.wraps(request)
+    def answer(self, requests):
+        if not self.run_by_lmms_eval:
+            return request(self, requests)
+        with user_errors_end_the_run(self.ledger):
+            return request(self, requests)
+
+    return answer
+
+
 class LlavaRedundancy(lmms):
     """LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision with a pruning ``method`` at a budget.
 
-    model_args: ``pretrained`` (a checkpoint folder or hub id), ``method`` and its parameters, one budget
-    (``retention=``, ``tokens=`` or ``threshold=``), ``anyres=full|base_only|per_view``, ``faithful`` (every
-    parameter not given takes the value that reproduces the method's official code), ``log_keep_indices``,
-    and the usual ``device``, ``dtype``, ``attn_implementation``, ``device_map``, ``batch_size``,
-    ``max_frames_num``, ``chat_template``, ``revision``, ``output_dir`` (where the token summary goes;
-    default: lmms-eval's ``--output_path``).
+    model_args: ``pretrained`` (a checkpoint folder, a hub id or ``builtin:NAME``), ``method`` and its
+    parameters, one budget (``retention=``, ``tokens=`` or ``threshold=``), ``anyres=full|base_only|per_view``,
+    ``faithful`` (every parameter not given takes the value that reproduces the method's official code),
+    ``log_keep_indices``, and the usual ``device``, ``dtype``, ``attn_implementation``, ``device_map``,
+    ``max_frames_num``, ``chat_template``, ``revision``, ``trust_remote_code``, ``output_dir`` (where the token
+    summary goes; default: lmms-eval's ``--output_path``).
+
+    Booleans take ``true/false``, ``yes/no`` or ``1/0`` (any case); anything else is refused. The batch size is
+    lmms-eval's ``--batch_size N`` (a whole number >= 1; ``auto`` is refused: batches here have a fixed size).
+    lmms-eval always passes its own, so ``batch_size=`` in ``--model_args`` is refused; so is any key given both
+    there and as an lmms-eval option (``--device``). ``max_batch_size`` (lmms-eval's ``--max_batch_size``, for
+    ``auto``) is unused. Built by lmms-eval, a bad value ends the run with ``llava_redundancy: error: ...``
+    and status 1 (``user_errors_end_the_run``); built directly, the ``UserError`` is raised.
     """
 
     is_simple = True
+    run_by_lmms_eval = False  # set by create_from_arg_string: user errors then end the run
 
     def __init__(
         self,
@@ -81,12 +144,16 @@ class LlavaRedundancy(lmms):
         super().__init__()
         self._check_keys(method, method_params)
         budget = parse_budget(retention, tokens, threshold) or KEEP_ALL
-        pruning = build_method(str(method), budget, faithful=bool(faithful), **method_params)
+        pruning = build_method(str(method), budget, faithful=strict_bool("faithful", faithful), **method_params)
+        log_keep_indices = strict_bool("log_keep_indices", log_keep_indices)
+        trust_remote_code = strict_bool("trust_remote_code", trust_remote_code)
+        self.batch_size_per_gpu = positive_int("batch_size", batch_size, BATCH_SIZE_USAGE)
+        self.max_frames_num = positive_int("max_frames_num", max_frames_num, " (frames sampled per video)")
         self.accelerator = Accelerator()
         layout = process_layout(self.accelerator)
         self._rank, self._world_size = layout.rank, layout.world_size
         if self._world_size > 1 and device_map:
-            raise ValueError(
+            raise UserError(
                 "device_map spreads one model over devices in a single process; with accelerate launch "
                 "--num_processes > 1 every process holds a whole model: drop device_map"
             )
@@ -97,12 +164,26 @@ class LlavaRedundancy(lmms):
         self._device = self._model.device
         self.processor.tokenizer.padding_side = "left"
         self.chat_template = chat_template_of(self.processor, chat_template)
-        self.batch_size_per_gpu = int(batch_size)
-        self.max_frames_num = int(max_frames_num)
-        self.engine = PruningEngine(self._model, self.processor, loaded.family, pruning, anyres, bool(log_keep_indices))
+        self.engine = PruningEngine(self._model, self.processor, loaded.family, pruning, anyres, log_keep_indices)
         self.ledger = TokenLedger(self._rank, self._world_size, results_dir_for(pretrained, output_dir),
                                   {**self.engine.settings(), "pretrained": pretrained})
-        atexit.register(self.ledger.finish)
+        atexit.register(self.ledger.finish_at_exit)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> LlavaRedundancy:
+        """The model from lmms-eval's ``--model_args`` and its own options; user errors end the run."""
+        with user_errors_end_the_run():
+            args = model_args_of(arg_string)
+            options = {k: v for k, v in (additional_config or {}).items() if v is not None}
+            if "batch_size" in args:
+                raise UserError(f"batch_size={args['batch_size']} in --model_args: the batch size is lmms-eval's own "
+                                "option; drop batch_size= from --model_args and pass --batch_size N")
+            twice = sorted(set(args) & set(options))
+            if twice:
+                raise UserError(f"{twice[0]} is given twice, in --model_args and as lmms-eval's --{twice[0]}; give it once")
+            model = cls(**args, **options)
+        model.run_by_lmms_eval = True
+        return model
 
     @staticmethod
     def _check_keys(method, method_params: dict) -> None:
@@ -110,9 +191,10 @@ class LlavaRedundancy(lmms):
         accepted = param_names(str(method))
         unknown = sorted(set(method_params) - set(accepted))
         if unknown:
+            hints = [hint for key in unknown for hint in [key_hint(key, wrapper_keys + accepted)] if hint]
             raise MethodError(
-                f"unknown model_args key(s) {', '.join(unknown)} for llava_redundancy with method={method}; "
-                f"accepted keys: {', '.join(wrapper_keys + accepted)}"
+                f"unknown model_args key(s) {', '.join(unknown)} for llava_redundancy with method={method}"
+                f"{''.join(f'; {hint}' for hint in hints)}; accepted keys: {', '.join(wrapper_keys + accepted)}"
             )
 
     @property
@@ -188,6 +270,7 @@ class LlavaRedundancy(lmms):
 
     # ---- lmms-eval API ------------------------------------------------------------------------------
 
+    @ending_the_run_on_user_errors
     def generate_until(self, requests) -> list[str]:
         results = []
         collator = utils.Collator([r.args for r in requests], lambda x: (-len(x[0]), x[0]), grouping=True)
@@ -225,6 +308,7 @@ class LlavaRedundancy(lmms):
         progress.close()
         return collator.get_original(results)
 
+    @ending_the_run_on_user_errors
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         results = []
         progress = tqdm(total=len(requests), disable=self._rank != 0, desc="llava_redundancy loglikelihood")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmms_eval_redundancy.codebook.store import check_codebook_path, load_codebook
+from lmms_eval_redundancy.codebook.store import load_codebook
 from lmms_eval_redundancy.core.budget import Budget
 from lmms_eval_redundancy.methods.base import (
     BeforeLLM,
@@ -114,7 +114,6 @@ class CodebookPruning(BeforeLLM):
                 "method=codebook needs codebook=PATH: a codebook .safetensors (see `lmms-eval-redundancy "
                 "import-codebook` and `build-codebook`) or a release .pt from the paper"
             )
-        check_codebook_path(self.params.codebook)
         implied = "threshold" if self.budget.kind == "threshold" else "ratio"
         if self.budget.kind == "all":
             raise MethodError("method=codebook needs a budget: threshold=t, retention=r or tokens=k")
@@ -126,15 +125,16 @@ class CodebookPruning(BeforeLLM):
                 "variant=threshold takes threshold=, variant=ratio and variant=double_softmax take retention= or tokens="
             )
         self.params.variant = self.params.variant or implied
+        self.codebook = load_codebook(self.params.codebook)  # read and checked before any model loads
         self.prototypes = None
 
     def attach(self, model, family) -> None:
-        codebook = load_codebook(self.params.codebook)
-        codebook.check_hidden_size(model.config.text_config.hidden_size)
+        self.codebook.check_hidden_size(model.config.text_config.hidden_size)
+        prototypes = self.codebook.prototypes
         if self.params.precision == "model":  # as officially: the stored rows in the model's dtype, normalised there
-            self.prototypes, self.dtype = codebook.prototypes, None
+            self.prototypes, self.dtype = prototypes, None
         else:
-            self.prototypes, self.dtype = torch.nn.functional.normalize(codebook.prototypes.float(), dim=-1), torch.float32
+            self.prototypes, self.dtype = torch.nn.functional.normalize(prototypes.float(), dim=-1), torch.float32
 
     def settings(self) -> dict:
         extra = {"prototypes": None if self.prototypes is None else int(self.prototypes.shape[0])}

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+from jinja2 import TemplateError
+
+from lmms_eval_redundancy.core.errors import UserError
 
 # Used only when neither the checkpoint's processor nor its tokenizer carries a chat template.
 VICUNA_TEMPLATE = (
@@ -15,7 +18,14 @@ VICUNA_TEMPLATE = (
 
 
 def chat_template_of(processor, override: str | None = None) -> str:
-    """The template to use: ``override``, else the processor's, else the tokenizer's, else Vicuna's."""
+    """The template to use: ``override`` (refused if it cannot render a prompt), else the processor's, else the
+    tokenizer's, else Vicuna's."""
+    if override:
+        try:
+            chat_prompt(processor, override, "a question", 1, 0)
+        except (TemplateError, TypeError, ValueError) as err:
+            raise UserError(f"chat_template={override!r} cannot render a prompt ({err}); give a Jinja chat template "
+                            "over `messages`, or leave chat_template out to use the checkpoint's") from None
     return override or processor.chat_template or processor.tokenizer.chat_template or VICUNA_TEMPLATE
 
 

@@ -2,11 +2,24 @@
 
 Every ``<date>_tokens.json`` found (with its ``<date>_results.json`` beside it) is one run. A row is one
 complete set of effective settings as the run recorded them (model, method, budget, every parameter,
-a codebook by its content hash, the anyres policy): runs with different settings never share a row,
-runs with the same settings but other tasks fill the same row, and a rerun of a task already in the
-row (same settings) is reported as a duplicate, the newest run kept. The unpruned run of the same model
-is the reference for "percent of unpruned", prefill speed-up and FLOPs ratio. A cell with no run stays
-empty: missing is never shown as zero.
+a codebook by its content hash, the anyres policy) and the lmms-eval options that change which documents
+run or what they ask (``--limit``, ``--offset``, ``--num_fewshot``, ``--gen_kwargs``, from the results
+file's ``config``): runs with different settings never share a row, runs with the same settings but other
+tasks fill the same row, and a rerun of a task already in the row (same settings) is reported as a
+duplicate, the newest run kept. A cell with no run stays empty: missing is never shown as zero.
+
+Each row is measured against an unpruned run of the same model ("percent of unpruned", prefill speed-up,
+FLOPs ratio): the one with the same lmms-eval options, else one that ran the same documents, else the
+first; a row whose documents (per task: how many ran, from which offset) differ from its reference's is
+warned about on stderr and in the markdown notes. The prefill speed-up is the ratio of the mean prefill
+seconds per sample; its spread is the interquartile range of the per-document ratios (the per-sample
+records of both runs, paired by task and document): the CSV holds it in ``speed-up spread`` (``"1.41-1.80"``,
+with `` unreliable`` appended when the range includes 1.0); markdown and LaTeX print the two together,
+``1.62 (1.41-1.80)`` or ``0.9 (0.4-1.7) unreliable``.
+
+Run files that do not parse, or a results file that its tokens file names but that is gone, stop the
+comparison with a message naming each file; an interrupted run (tokens but no results file recorded) is
+left out with a warning.
 """
 
 from __future__ import annotations
@@ -14,11 +27,15 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from lmms_eval_redundancy.core.errors import UserError
+from lmms_eval_redundancy.core.files import figure_png, output_folder, write_atomically
 from lmms_eval_redundancy.core.registry import PATHS_KEY, UNPRUNED
 
 LABEL_OMITS = ("method", "budget", "stage", "pretrained", "family")  # shown elsewhere, or implied by the row's model
@@ -51,45 +68,117 @@ def run_labels(settings: list[dict]) -> list[tuple[str, str]]:
     return labels
 
 
+# lmms-eval options that change which documents run or what they ask, with their defaults (a run's row
+# records those it set otherwise); ``num_fewshot`` is only among the resolved command-line arguments
+EVAL_OPTIONS = {"limit": None, "offset": 0, "num_fewshot": None, "gen_kwargs": ""}
+SPREAD = "speed-up spread"
+RERUN_FIX = ("rerun their cells (`lmms-eval-redundancy sweep SPEC` reruns a cell whose files do not parse) "
+             "or move those run folders out of the folder you compare")
+
+
 @dataclass
 class Run:
     tokens_file: Path
-    settings: dict
+    settings: dict  # the wrapper's recorded settings and the lmms-eval options set (``--limit`` ...)
     scores: dict[str, float]  # "task (metric)" -> value of the task's main metric
     tokens: dict
     metrics: dict[str, dict[str, float]]  # task -> every numeric metric ("metric,filter" keys as lmms-eval writes them)
+    documents: dict[str, tuple[int, int]]  # task -> (documents run, offset of the first)
 
 
 @dataclass
 class Collected:
-    """One row per distinct settings, and the reruns left out as duplicates."""
+    """One row per distinct settings, the reruns left out as duplicates, and what was left out and why."""
 
     frame: pd.DataFrame
     duplicates: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
-def read_runs(folder: str | Path) -> list[Run]:
-    """Every finished run under ``folder``, newest first (an interrupted run has tokens but no results)."""
-    runs = []
+class UnreadableRun(UserError):
+    """A run's results or tokens file does not parse, or is gone."""
+
+
+def read_record(path: Path, what: str, key: str) -> dict:
+    """A run's JSON file, which must hold ``key``; ``UnreadableRun`` naming the file otherwise."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UnreadableRun(f"{path}: the {what} file is truncated or not JSON ({err})") from err
+    if not isinstance(record, dict) or key not in record:
+        raise UnreadableRun(f"{path}: not a {what} file (no {key!r} entry)")
+    return record
+
+
+def eval_options(config: dict) -> dict:
+    """``{"--limit": 8, ...}``: the lmms-eval options a run set to other than their defaults."""
+    resolved = config.get("resolved_cli_args") or {}
+    values = {name: config.get(name, resolved.get(name, default)) for name, default in EVAL_OPTIONS.items()}
+    return {f"--{name}": value for name, value in values.items() if value not in (EVAL_OPTIONS[name], None)}
+
+
+def read_run(tokens_file: Path) -> Run | None:
+    """The run recorded by ``tokens_file``; ``None`` for an interrupted run (no results file recorded)."""
+    tokens = read_record(tokens_file, "token summary", "settings")
+    results_name = tokens.get("results_file", tokens_file.name.replace("_tokens.json", "_results.json"))
+    results_file = tokens_file.with_name(results_name) if results_name else None
+    if results_file is None or not results_file.is_file():
+        if tokens.get("results_file"):
+            raise UnreadableRun(f"{tokens_file}: its results file {results_file.name} is gone")
+        return None
+    record = read_record(results_file, "results", "results")
+    results = record["results"]
+    scores = {f"{task} ({metric[0]})": metric[1] for task, task_results in results.items()
+              if (metric := main_metric(task_results))}
+    metrics = {task: {k: v for k, v in task_results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+               for task, task_results in results.items()}
+    config = record.get("config") or {}
+    offset = int(config.get("offset") or 0)
+    documents = {task: (counts["effective"], offset) for task, counts in (record.get("n-samples") or {}).items()
+                 if isinstance(counts, dict) and "effective" in counts}
+    return Run(tokens_file, {**tokens["settings"], **eval_options(config)}, scores, tokens, metrics, documents)
+
+
+def read_runs(folder: str | Path) -> tuple[list[Run], list[str]]:
+    """Every finished run under ``folder``, newest first, and warnings for the interrupted runs left out.
+
+    Raises ``UserError`` naming every run file that does not parse (nothing is compared then).
+    """
+    runs, warnings, unreadable = [], [], []
     for tokens_file in Path(folder).rglob("*_tokens.json"):
-        results_file = tokens_file.with_name(tokens_file.name.replace("_tokens.json", "_results.json"))
-        if not results_file.is_file():
+        try:
+            run = read_run(tokens_file)
+        except UnreadableRun as err:
+            unreadable.append(str(err))
             continue
-        tokens = json.loads(tokens_file.read_text())
-        results = json.loads(results_file.read_text())["results"]
-        scores = {f"{task} ({metric[0]})": metric[1] for task, task_results in results.items()
-                  if (metric := main_metric(task_results))}
-        metrics = {task: {k: v for k, v in task_results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-                   for task, task_results in results.items()}
-        runs.append(Run(tokens_file, tokens["settings"], scores, tokens, metrics))
-    return sorted(runs, key=lambda run: (run.tokens_file.name, str(run.tokens_file)), reverse=True)
+        if run is None:
+            warnings.append(f"left out {tokens_file}: an interrupted run (no results file beside it)")
+        else:
+            runs.append(run)
+    if unreadable:
+        raise UserError(f"{len(unreadable)} run file(s) under {folder} cannot be read:\n  " + "\n  ".join(sorted(unreadable))
+                        + f"\n{RERUN_FIX}")
+    return sorted(runs, key=lambda run: (run.tokens_file.name, str(run.tokens_file)), reverse=True), warnings
+
+
+def prefill_by_document(runs: list[Run]) -> dict[tuple, float]:
+    """Mean prefill seconds per ``(request, task, split, doc_id)`` from the runs' per-sample records."""
+    seconds: dict[tuple, list[float]] = {}
+    for run in runs:
+        for sample in run.tokens.get("per_sample", []):
+            value = sample.get("efficiency", {}).get("prefill_seconds")
+            if value is not None:
+                key = (sample["request"], sample["task"], sample["split"], sample["doc_id"])
+                seconds.setdefault(key, []).append(value)
+    return {key: sum(values) / len(values) for key, values in seconds.items()}
 
 
 def collect(folder: str | Path) -> Collected:
     """One row per distinct settings with task scores, tokens and efficiency, merged over that row's runs."""
     grouped: dict[str, list[Run]] = {}
     duplicates = []
-    for run in read_runs(folder):
+    runs, warnings = read_runs(folder)
+    for run in runs:
         taken = grouped.setdefault(settings_key(run.settings), [])
         covered = {task for other in taken for task in other.scores}
         clash = sorted(covered & set(run.scores))
@@ -103,23 +192,23 @@ def collect(folder: str | Path) -> Collected:
     for runs, (label, curve) in zip(grouped.values(), run_labels(firsts)):
         settings = runs[0].settings
         row = {"model": Path(settings["pretrained"]).name, "pretrained": settings["pretrained"], "run": label,
-               "curve": curve, "method": settings["method"], "budget": settings["budget"], "metrics": {}}
+               "curve": curve, "method": settings["method"], "budget": settings["budget"], "metrics": {},
+               "options": {k: v for k, v in settings.items() if k.startswith("--")}, "documents": {},
+               "prefill by document": prefill_by_document(runs)}
         for run in runs:
             row.update(run.scores)
             row["metrics"].update(run.metrics)
+            row["documents"].update(run.documents)
         before = sum(run.tokens["visual_tokens_before"] for run in runs)
         after = sum(run.tokens["visual_tokens_after"] for run in runs)
         samples = sum(run.tokens["samples_with_visuals"] for run in runs)
-        weights = [(run.tokens["samples"], efficiency_of(run.tokens)) for run in runs]
-        weights = [(n, e) for n, e in weights if e]
-        total = sum(n for n, _ in weights)
-        mean = lambda key: sum(n * e.get(key, 0) for n, e in weights) / total if total else math.nan  # noqa: E731
         row["retained tokens / sample"] = after / samples if samples else math.nan
         row["achieved retention"] = after / before if before else math.nan
-        row["prefill s / sample"] = mean("prefill_seconds_per_sample")
-        row["flops / sample"] = mean("llm_prefill_flops_per_sample") + mean("vision_flops_per_sample")
+        row["prefill s / sample"] = per_sample_mean(runs, "prefill_seconds_per_sample")
+        row["flops / sample"] = (per_sample_mean(runs, "llm_prefill_flops_per_sample")
+                                 + per_sample_mean(runs, "vision_flops_per_sample"))
         rows.append(row)
-    return Collected(pd.DataFrame(rows), duplicates)
+    return Collected(pd.DataFrame(rows), duplicates, warnings)
 
 
 def efficiency_of(tokens: dict) -> dict:
@@ -127,51 +216,125 @@ def efficiency_of(tokens: dict) -> dict:
     return efficiency.get("generate_until") or efficiency.get("loglikelihood") or {}
 
 
+def per_sample_mean(runs: list[Run], key: str) -> float:
+    """The runs' per-sample efficiency ``key``, weighted by their samples (NaN without efficiency records)."""
+    weights = [(run.tokens["samples"], efficiency) for run in runs if (efficiency := efficiency_of(run.tokens))]
+    total = sum(n for n, _ in weights)
+    return sum(n * e.get(key, 0) for n, e in weights) / total if total else math.nan
+
+
 def task_columns(frame: pd.DataFrame) -> list[str]:
     return [c for c in frame.columns if c.endswith(")") and "(" in c]
 
 
+def document_differences(row: pd.Series, reference: pd.Series) -> list[str]:
+    """Per task both ran: ``"tiny_image: 8 documents from 0 vs 4 from 0"`` where the documents differ."""
+    return [f"{task}: {count} documents from {offset} vs {reference['documents'][task][0]} from "
+            f"{reference['documents'][task][1]}"
+            for task, (count, offset) in sorted(row["documents"].items())
+            if task in reference["documents"] and reference["documents"][task] != (count, offset)]
+
+
+def reference_for(row: pd.Series, references: pd.DataFrame) -> pd.Series:
+    """The unpruned row ``row`` is measured against: the same lmms-eval options, else the same documents, else
+    the first."""
+    candidates = [ref for _, ref in references.iterrows()]
+    same_options = [ref for ref in candidates if ref["options"] == row["options"]]
+    same_documents = [ref for ref in candidates if not document_differences(row, ref)]
+    return (same_options + same_documents + candidates)[0]
+
+
+def speed_up_spread(row: pd.Series, reference: pd.Series) -> str | float:
+    """``"q1-q3"`` of the per-document prefill speed-ups, ``" unreliable"`` appended when it includes 1.0; NaN
+    without per-sample records of both runs."""
+    ours, theirs = row["prefill by document"], reference["prefill by document"]
+    ratios = [theirs[key] / ours[key] for key in ours.keys() & theirs.keys() if ours[key] > 0]
+    if not ratios:
+        return math.nan
+    low, high = np.percentile(ratios, [25, 75])
+    return f"{low:.3g}-{high:.3g}" + (" unreliable" if low <= 1 <= high else "")
+
+
+def measured(row: pd.Series, ref: pd.Series, tasks: list[str]) -> dict:
+    """``row`` against its unpruned reference: % of unpruned (mean over tasks), speed-up and spread, FLOPs ratio."""
+    percents = [100 * row[t] / ref[t] for t in tasks if pd.notna(ref[t]) and ref[t] and pd.notna(row[t])]
+    return {"% of unpruned (mean)": sum(percents) / len(percents) if percents else math.nan,
+            "prefill speed-up": ref["prefill s / sample"] / row["prefill s / sample"],
+            SPREAD: math.nan if ref.name == row.name else speed_up_spread(row, ref),
+            "FLOPs ratio": row["flops / sample"] / ref["flops / sample"]}
+
+
 def compare_table(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Per model: rows = method x budget, with % of unpruned, speed-up and FLOPs ratio."""
+    """Per model: rows = method x budget, with % of unpruned, speed-up (and its spread) and FLOPs ratio.
+
+    Each table's ``attrs["notes"]`` holds the warnings about its rows (documents that differ from their
+    reference's, no unpruned reference).
+    """
     tables = {}
     for model, group in frame.groupby("pretrained", sort=True):
-        group = group.copy()
         tasks = [c for c in task_columns(group) if group[c].notna().any()]
-        reference = group[group["method"] == UNPRUNED]
-        ref = reference.iloc[0] if len(reference) else None
-        if ref is not None:
-            percent = pd.DataFrame({t: 100 * group[t] / ref[t] for t in tasks if pd.notna(ref[t]) and ref[t]})
-            group["% of unpruned (mean)"] = percent.mean(axis=1, skipna=True) if len(percent.columns) else math.nan
-            group["prefill speed-up"] = ref["prefill s / sample"] / group["prefill s / sample"]
-            group["FLOPs ratio"] = group["flops / sample"] / ref["flops / sample"]
+        references = group[group["method"] == UNPRUNED]
+        notes = [] if len(references) else [(f"no unpruned run of {model}: nothing to measure the rows against; "
+                                             "run it with method=none on the same tasks")]
+        if len(references):
+            rows = []
+            for _, row in group.iterrows():
+                ref = reference_for(row, references)
+                differences = document_differences(row, ref)
+                if differences:
+                    notes.append(f"{row['run']}: its documents differ from those of its unpruned reference {ref['run']} "
+                                 f"({'; '.join(differences)}): its % of unpruned and speed-up compare different "
+                                 "documents; run the unpruned model with the same --limit and --offset")
+                rows.append(measured(row, ref, tasks))
+            group = pd.concat([group, pd.DataFrame(rows, index=group.index)], axis=1)
         order = ["run"] + tasks + [c for c in ("% of unpruned (mean)", "retained tokens / sample", "achieved retention",
-                                                "prefill speed-up", "FLOPs ratio") if c in group]
+                                                "prefill speed-up", SPREAD, "FLOPs ratio") if c in group]
         group = group.assign(pruned=group["method"] != UNPRUNED).sort_values(
             ["pruned", "method", "retained tokens / sample"], ascending=[True, True, False])
-        tables[Path(model).name] = group[order].reset_index(drop=True)
+        table = group[order].reset_index(drop=True)
+        table.attrs["notes"] = notes
+        tables[Path(model).name] = table
     return tables
 
 
-def markdown(table: pd.DataFrame) -> str:
-    """The table as GitHub markdown, missing values as an em dash."""
-    return table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".4g", missingval="—")
+def readable(table: pd.DataFrame) -> pd.DataFrame:
+    """The table as people read it: each speed-up with its spread in one cell, ``0.9 (0.4-1.7) unreliable``."""
+    if SPREAD not in table:
+        return table
+
+    def cell(value: float, spread) -> str | float:
+        if pd.isna(value) or pd.isna(spread):
+            return value if pd.isna(value) else f"{value:.4g}"
+        quartiles, _, flag = spread.partition(" ")
+        return f"{value:.3g} ({quartiles})" + (f" {flag}" if flag else "")
+
+    speed_up = [cell(value, spread) for value, spread in zip(table["prefill speed-up"], table[SPREAD])]
+    return table.drop(columns=SPREAD).assign(**{"prefill speed-up": pd.Series(speed_up, index=table.index, dtype=object)})
+
+
+def markdown(table: pd.DataFrame, notes: bool = False) -> str:
+    """The table as GitHub markdown (speed-up with its spread), missing values as an em dash; ``notes``: its
+    warnings below it."""
+    shown = readable(table)
+    text = shown.astype(object).where(shown.notna(), None).to_markdown(index=False, floatfmt=".4g", missingval="—")
+    warnings = [f"- warning: {note}" for note in table.attrs.get("notes", [])] if notes else []
+    return f"{text}\n\n" + "\n".join(warnings) if warnings else text
 
 
 def write_outputs(tables: dict[str, pd.DataFrame], frame: pd.DataFrame, out: str | Path) -> list[Path]:
-    """Markdown, CSV and LaTeX per model, plus the two plots; returns the files written."""
+    """Markdown (with the table's notes), CSV and LaTeX per model, plus the two plots; returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out)
     written = []
     for model, table in tables.items():
         stem = re.sub(r"[^\w.-]+", "_", model)  # e.g. builtin:shapes -> builtin_shapes
-        (out / f"{stem}.md").write_text(markdown(table) + "\n")
-        table.to_csv(out / f"{stem}.csv", index=False)
-        (out / f"{stem}.tex").write_text(table.to_latex(index=False, float_format="%.4g", na_rep="—"))
+        write_atomically(out / f"{stem}.md", markdown(table, notes=True) + "\n")
+        write_atomically(out / f"{stem}.csv", table.to_csv(index=False))
+        write_atomically(out / f"{stem}.tex", readable(table).to_latex(index=False, float_format="%.4g", na_rep="—"))
         written += [out / f"{stem}{suffix}" for suffix in (".md", ".csv", ".tex")]
         if "% of unpruned (mean)" not in table:
             continue
@@ -188,17 +351,34 @@ def write_outputs(tables: dict[str, pd.DataFrame], frame: pd.DataFrame, out: str
             ax.legend()
             fig.tight_layout()
             path = out / f"{stem}_{name}.png"
-            fig.savefig(path, dpi=120)
-            plt.close(fig)
+            write_atomically(path, figure_png(fig))
             written.append(path)
     return written
 
 
+def no_runs_error(results_dir: Path) -> UserError:
+    what = "does not exist" if not results_dir.exists() else "is not a folder" if not results_dir.is_dir() else \
+        "holds no llava_redundancy runs (no <date>_tokens.json beside a <date>_results.json)"
+    return UserError(f"{results_dir} {what}; give the output folder of a sweep (its `output:`) or the --output_path of "
+                     "`python -m lmms_eval --model llava_redundancy ...` runs, or make runs first "
+                     "(`lmms-eval-redundancy sweep SPEC`)")
+
+
+def warn(message: str) -> None:
+    print(f"compare: warning: {message}", file=sys.stderr)
+
+
 def compare(results_dir: str | Path, out: str | Path | None = None) -> tuple[dict[str, pd.DataFrame], list[dict]]:
-    """Per-model tables written (with plots) to ``out``; also the reruns left out as duplicates."""
-    collected = collect(results_dir)
-    if collected.frame.empty:
-        raise FileNotFoundError(f"no llava_redundancy runs (<date>_tokens.json next to <date>_results.json) under {results_dir}")
+    """Per-model tables written (with plots) to ``out``; also the reruns left out as duplicates.
+
+    Warnings (interrupted runs left out, documents that differ from the reference's) go to stderr.
+    """
+    results_dir = Path(results_dir)
+    collected = collect(results_dir) if results_dir.is_dir() else None
+    if collected is None or collected.frame.empty:
+        raise no_runs_error(results_dir)
     tables = compare_table(collected.frame)
-    write_outputs(tables, collected.frame, out or Path(results_dir) / "compare")
+    for message in collected.warnings + [note for table in tables.values() for note in table.attrs["notes"]]:
+        warn(message)
+    write_outputs(tables, collected.frame, out or results_dir / "compare")
     return tables, collected.duplicates

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from lmms_eval_redundancy.core.errors import UserError
 from lmms_eval_redundancy.core.registry import UNPRUNED
 from lmms_eval_redundancy.methods import available_methods
 
@@ -66,8 +67,19 @@ def our_value(metrics: dict[str, dict[str, float]], task: str, keys: list[str], 
     return value if raw else 100 * value
 
 
+PUBLISHED_COLUMNS = ("model", "method", "retained_tokens", "benchmark", "metric", "value", "source")
+
+
 def load_published(path: str | Path = PUBLISHED) -> pd.DataFrame:
-    data = pd.read_csv(path, dtype={"retained_tokens": "Int64"})
+    """Published numbers from a CSV laid out as the shipped ``llava_published.csv``; ``UserError`` if it is not."""
+    try:
+        data = pd.read_csv(path, dtype={"retained_tokens": "Int64"})
+    except (OSError, ValueError, pd.errors.ParserError) as err:
+        raise UserError(f"cannot read published numbers from {path} ({err}); give a CSV laid out as {PUBLISHED}, "
+                        "or --published alone for the shipped one") from err
+    missing = [c for c in PUBLISHED_COLUMNS if c not in data.columns]
+    if missing:
+        raise UserError(f"{path} has no column(s) {', '.join(missing)}; lay it out as {PUBLISHED}")
     data["our_method"] = data["method"].map(our_method)
     return data[data["our_method"].notna()]
 
@@ -99,7 +111,7 @@ def side_by_side(frame: pd.DataFrame, published: pd.DataFrame, tasks: pd.DataFra
         ours = [row for row in ours if any(pd.notna(row[column(*c)]) for c in columns)]
         if not ours:
             continue
-        order = lambda r: (r["method"] != UNPRUNED, r["method"], -r["visual tokens"])  # noqa: E731
+        order = lambda r: (r["method"] != UNPRUNED, r["method"], -r["visual tokens"])
         sources = {source: i + 1 for i, source in enumerate(dict.fromkeys(theirs["source"]))}
         rows = {}
         for entry in theirs.itertuples(index=False):
@@ -125,15 +137,15 @@ def write_published(tables: dict[str, tuple[pd.DataFrame, list[str]]], out: str 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from lmms_eval_redundancy.core.files import figure_png, output_folder, write_atomically
     from lmms_eval_redundancy.tools.compare import markdown
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out)
     written = []
     for model, (table, notes) in tables.items():
         stem = re.sub(r"[^\w.-]+", "_", model) + "_published"
-        (out / f"{stem}.md").write_text(markdown(table) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
-        table.to_csv(out / f"{stem}.csv", index=False)
+        write_atomically(out / f"{stem}.md", markdown(table) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+        write_atomically(out / f"{stem}.csv", table.to_csv(index=False))
         values = [c for c in table.columns[3:] if table.loc[table["kind"] == "ours", c].notna().any()]
         fig, axes = plt.subplots(1, len(values), figsize=(4.5 * len(values), 3.8), squeeze=False)
         for ax, name in zip(axes[0], values):
@@ -147,7 +159,6 @@ def write_published(tables: dict[str, tuple[pd.DataFrame, list[str]]], out: str 
         axes[0][0].legend(fontsize=7)
         fig.suptitle(f"{model}: our runs (filled) and published numbers (hollow)")
         fig.tight_layout()
-        fig.savefig(out / f"{stem}.png", dpi=110)
-        plt.close(fig)
+        write_atomically(out / f"{stem}.png", figure_png(fig, dpi=110))
         written += [out / f"{stem}{suffix}" for suffix in (".md", ".csv", ".png")]
     return written

@@ -7,6 +7,10 @@ placed side by side in one PNG.
 
 from __future__ import annotations
 
+import difflib
+import io
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -14,28 +18,59 @@ from transformers.models.llava_next.modeling_llava_next import (
     get_anyres_image_grid_shape,
 )
 
+from lmms_eval_redundancy.core.budget import parse_budget
+from lmms_eval_redundancy.core.errors import UserError
+from lmms_eval_redundancy.core.files import write_atomically
 from lmms_eval_redundancy.core.units import policy_units
 
 DIM = 0.2  # brightness of dropped patches
 
 
 def parse_spec(spec: str) -> tuple[str, dict]:
-    """``"codebook,codebook=cb.safetensors,threshold=0.45"`` -> ``("codebook", {...})``."""
+    """``"codebook,codebook=cb.safetensors,threshold=0.45"`` -> ``("codebook", {...})``; ``UserError`` when the
+    method is unknown, an option is not ``key=value`` or the budget is invalid (checked before any model loads)."""
     from lmms_eval.utils import simple_parse_args_string
 
+    from lmms_eval_redundancy.methods import method_class
+
     method, _, options = spec.partition(",")
-    return method, simple_parse_args_string(options)
+    try:
+        parsed = simple_parse_args_string(options)
+    except ValueError:
+        raise UserError(f"--method {spec!r}: write it as METHOD,key=value,... (e.g. \"fastv,retention=0.25\")") from None
+    method_class(method)
+    parse_budget(parsed.get("retention"), parsed.get("tokens"), parsed.get("threshold"))
+    return method, parsed
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """The image file at ``path`` in RGB; ``UserError`` when it is missing or not an image."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise UserError(f"image file {path} not found; give --image an existing image file") from None
+    except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+        raise UserError(f"cannot read {path} as an image ({err}); give --image a PNG, JPEG or other image file") from None
 
 
 def task_image(task: str, doc: int, include_path: str | None) -> Image.Image:
     """The first visual of document ``doc`` of an lmms-eval task (local tasks load offline)."""
     from lmms_eval.tasks import TaskManager, get_task_dict
 
-    task_obj = get_task_dict([task], TaskManager(include_path=include_path))[task]
+    manager = TaskManager(include_path=include_path)
+    if task not in manager.all_tasks:
+        close = difflib.get_close_matches(task, manager.all_tasks, n=1)
+        raise UserError(f"unknown task {task!r}" + (f" (did you mean {close[0]}?)" if close else "")
+                        + "; give an lmms-eval task name, and --include_path for tasks outside lmms-eval")
+    task_obj = get_task_dict([task], manager)[task]
     split = task_obj.config.test_split or task_obj.config.validation_split
-    visuals = task_obj.doc_to_visual(task_obj.dataset[split][doc])
+    documents = task_obj.dataset[split]
+    if not 0 <= doc < len(documents):
+        raise UserError(f"--doc {doc} is out of range: {task} has {len(documents)} documents (0 to {len(documents) - 1})")
+    visuals = task_obj.doc_to_visual(documents[doc])
     if not visuals or not isinstance(visuals[0], Image.Image):
-        raise ValueError(f"document {doc} of {task} has no image to show")
+        raise UserError(f"document {doc} of {task} has no image to show; pick another --doc or task")
     return visuals[0].convert("RGB")
 
 
@@ -109,12 +144,13 @@ def render_panel(processor, family, inputs, visual, kept: torch.Tensor, title: l
 
 
 def show_kept(pretrained: str, image: Image.Image, specs: list[str], out: str, scale: int = 1) -> str:
-    """One panel per ``method,key=value,...`` spec, side by side, written to ``out`` (PNG)."""
+    """One panel per ``method,key=value,...`` spec, side by side, written to ``out`` (PNG, all at once: a failed run
+    leaves no file)."""
     from lmms_eval_redundancy.lmms.model import LlavaRedundancy
 
+    parsed = [parse_spec(spec) for spec in specs]
     panels = []
-    for spec in specs:
-        method, options = parse_spec(spec)
+    for method, options in parsed:
         wrapper = LlavaRedundancy(pretrained=pretrained, method=method, log_keep_indices=True, **options)
         inputs, visual, kept, settings = kept_positions(wrapper, image)
         total = int((~visual.newline).sum())
@@ -127,5 +163,7 @@ def show_kept(pretrained: str, image: Image.Image, specs: list[str], out: str, s
     for panel in panels:
         sheet.paste(panel, (x, 0))
         x += panel.width + 12
-    sheet.save(out)
+    png = io.BytesIO()
+    sheet.save(png, format="PNG")
+    write_atomically(out, png.getvalue())
     return out

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from lmms_eval_redundancy.tools.compare import compare
-from lmms_eval_redundancy.tools.sweep import load_sweep, run_sweep
+from lmms_eval_redundancy.tools.sweep import dry_run, load_sweep, run_sweep
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +76,30 @@ def test_compare_tables_match_the_results_files(swept):
 
 def test_a_failing_cell_is_recorded_the_others_run_and_the_sweep_exits_non_zero_naming_it(swept, tmp_path):
     sweep, _, _ = swept
-    spec = {**sweep.spec, "methods": [{"method": "random", "seed": "abc", "budgets": {"retention": [0.5]}},
+    spec = {**sweep.spec, "methods": [{"method": "fastv", "fastv_k": 99, "budgets": {"tokens": [4]}},
                                       {"method": "random", "budgets": {"retention": [0.25]}}]}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     done = subprocess.run([sys.executable, "-m", "lmms_eval_redundancy.cli", "sweep", str(tmp_path / "spec.yaml")],
                           capture_output=True, text=True, timeout=600)
+    error = "llava_redundancy: error: fastv_k=99 must be below the LLM's"  # read from the cell's log
     assert done.returncode != 0
-    assert "1 cell(s) failed" in done.stderr and "random seed=abc retention=0.5" in done.stderr
+    assert "1 cell(s) failed" in done.stderr and f"fastv fastv_k=99 tokens=4 | tiny_image: {error}" in done.stderr
+    assert f"cell 1 failed: tiny | fastv fastv_k=99 tokens=4 | tiny_image: {error}" in done.stdout
     assert "sweep: ran 0 cells, 2 were already done" in done.stdout  # the reference and random 0.25 from before
     failing = load_sweep(tmp_path / "spec.yaml").cells[1]
-    assert not failing.done and json.loads((failing.folder / "failed.json").read_text())["returncode"] is not None
+    record = json.loads((failing.folder / "failed.json").read_text())
+    assert not failing.done and record["returncode"] == 1 and record["error"].startswith(error)
+    assert not record["environment"]
+
+
+def test_a_cell_whose_results_file_broke_is_not_done_and_a_rerun_redoes_only_it(swept):
+    sweep, _, _ = swept
+    broken = sweep.cells[2]
+    (results,) = broken.folder.glob("*/*_results.json")
+    results.write_text(results.read_text()[:100])
+    assert f"[2] broken (results file unreadable)  {broken.label}" in dry_run(sweep)
+    done = subprocess.run([sys.executable, "-m", "lmms_eval_redundancy.cli", "sweep", str(sweep.spec_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "sweep: ran 1 cells, 3 were already done" in done.stdout
+    assert all(cell.done for cell in sweep.cells)

@@ -1,4 +1,4 @@
-"""Whole codebook builds in-process on a tiny model: loadable, repeatable, clear refusals."""
+"""Whole codebook builds in-process on a tiny model: loadable, repeatable, clear refusals (bad settings named)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from conftest import build_settings as settings
 from conftest import same_codebook
 
@@ -14,6 +15,7 @@ from lmms_eval_redundancy.codebook.builder import (
     build_codebook,
 )
 from lmms_eval_redundancy.codebook.store import load_codebook
+from lmms_eval_redundancy.core.errors import UserError
 
 
 def test_build_writes_a_codebook_the_loader_accepts_and_repeats_byte_for_byte(tiny_models, training_images, tmp_path):
@@ -92,3 +94,34 @@ def test_pad_embedding_and_prompt_text_are_the_settings(tiny_models):
     torch.testing.assert_close(default.pad, default.embed.weight[tokenizer.pad_token_id])
     with pytest.raises(BuildError, match="exactly once"):
         prober(tiny_models, prompt_text="no image here")
+
+
+# ---- refusals before any probing: settings, the output folder -------------------------------------------
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"batch_size": 0}, "build setting batch_size=0 is not a whole number >= 1"),
+    ({"jsd_thres": "low"}, "build setting jsd_thres='low' is not a finite number"),
+    ({"skip_article": "yes"}, "build setting skip_article='yes' is not true or false"),
+    ({"prob_thresh": 0.1}, r"unknown build setting\(s\) prob_thresh \(did you mean prob_thres\?\)"),
+])
+def test_bad_build_settings_are_refused_naming_the_setting(tmp_path, changes, message):
+    from lmms_eval_redundancy.codebook.builder import load_settings
+
+    path = tmp_path / "settings.yaml"
+    path.write_text(yaml.safe_dump({"preset": "llava15", **changes}))
+    with pytest.raises(BuildError, match=message):
+        load_settings(path)
+
+
+def test_a_number_yaml_reads_as_text_is_taken_as_the_number(tmp_path):
+    from lmms_eval_redundancy.codebook.builder import load_settings
+
+    path = tmp_path / "settings.yaml"
+    path.write_text("preset: llava15\njsd_thres: 2e-3\n")  # YAML 1.1 reads 2e-3 (no dot) as a string
+    assert load_settings(path).jsd_thres == 0.002
+
+
+def test_an_output_folder_that_cannot_be_made_is_refused_before_probing(tiny_models, training_images, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="cannot create the output folder"):
+        build_codebook(str(tiny_models["llava"]), training_images, tmp_path / "file" / "out", settings())

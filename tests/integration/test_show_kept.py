@@ -1,8 +1,9 @@
-"""The show-kept picture: kept patches bright, dropped ones dark, one panel per method."""
+"""The show-kept picture: kept patches bright, dropped ones dark, one panel per method; no picture when refused."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from conftest import image
 from PIL import Image
 
@@ -32,3 +33,28 @@ def test_show_kept_command_writes_one_panel_per_method(tiny_models, tmp_path):
           "--method", "fastv,retention=0.3", "--method", "pooling,tokens=4,anyres=base_only", "--out", str(out)])
     sheet = Image.open(out)
     assert sheet.width > 3 * 4 * 32 and sheet.height > 4 * 32
+
+
+def refusal(argv: list[str], capsys) -> str:
+    """``main(argv)`` exits with status 2; its message."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_a_method_refused_after_another_was_drawn_leaves_no_png(tiny_models, tmp_path, capsys):
+    source, out = tmp_path / "in.png", tmp_path / "kept.png"
+    image(32, 32).save(source)
+    message = refusal(["show-kept", str(tiny_models["llava"]), "--image", str(source), "--method", "none",
+                       "--method", "fastv,retention=0.5,bogus=1", "--out", str(out)], capsys)
+    assert "error: " in message and "bogus" in message
+    assert list(tmp_path.iterdir()) == [source]  # neither the picture nor a part of it
+
+
+def test_a_document_out_of_range_and_a_zero_scale_are_refused(tiny_models, local_tasks, tmp_path, capsys):
+    task = ["show-kept", str(tiny_models["llava"]), "--task", "tiny_image", "--include_path", str(local_tasks),
+            "--method", "none", "--out", str(tmp_path / "kept.png")]
+    assert "--doc 99 is out of range: tiny_image has 8 documents (0 to 7)" in refusal(task + ["--doc", "99"], capsys)
+    assert "argument --scale: 0 is out of range" in refusal(task + ["--scale", "0"], capsys)
+    assert not list(tmp_path.iterdir())

@@ -1,10 +1,22 @@
-"""compare keys a row on a run's complete recorded settings: different settings never merge, reruns are duplicates."""
+"""compare keys a row on a run's complete recorded settings: different settings never merge, reruns are duplicates;
+run files that do not parse stop it; a speed-up comes with its spread."""
 
 from __future__ import annotations
 
+import math
+
+import pandas as pd
+import pytest
 from conftest import record_run
 
-from lmms_eval_redundancy.tools.compare import collect, compare
+from lmms_eval_redundancy.core.errors import UserError
+from lmms_eval_redundancy.tools.compare import (
+    SPREAD,
+    collect,
+    compare,
+    readable,
+    speed_up_spread,
+)
 
 NONE = {"method": "none", "budget": "all"}
 
@@ -63,3 +75,49 @@ def test_runs_differing_only_in_their_budget_share_a_plot_curve_and_other_settin
     assert curves == {"codebook (variant=ratio)": ["codebook retention=0.25 (variant=ratio)", "codebook retention=0.5 (variant=ratio)"],
                       "codebook (variant=threshold)": ["codebook threshold=0.5 (variant=threshold)",
                                                        "codebook threshold=0.7 (variant=threshold)"]}
+
+
+# ---- files that do not parse, interrupted runs, the speed-up's spread ----------------------------------
+
+def test_a_truncated_results_file_stops_compare_naming_the_file(tmp_path):
+    record_run(tmp_path / "a", "20260101_000000", NONE, {"t": 1.0})
+    results = tmp_path / "a" / "20260101_000000_results.json"
+    results.write_text(results.read_text()[:20])
+    with pytest.raises(UserError, match=f"{results}: the results file is truncated or not JSON"):
+        compare(tmp_path, tmp_path / "compare")
+    assert not (tmp_path / "compare").exists()
+
+
+def test_an_interrupted_run_is_left_out_with_a_warning(tmp_path):
+    record_run(tmp_path / "a", "20260101_000000", NONE, {"t": 1.0})
+    record_run(tmp_path / "b", "20260101_000001", random_run(0), {"t": 0.5})
+    (tmp_path / "b" / "20260101_000001_results.json").unlink()  # lmms-eval never got to write it
+    collected = collect(tmp_path)
+    assert list(collected.frame["run"]) == ["none"]
+    (warning,) = collected.warnings
+    assert warning.startswith("left out ") and "20260101_000001_tokens.json: an interrupted run" in warning
+
+
+def test_a_missing_folder_is_named_with_the_fix(tmp_path):
+    with pytest.raises(UserError, match="nowhere does not exist; give the output folder of a sweep"):
+        compare(tmp_path / "nowhere")
+
+
+def row(index: int, prefill: dict) -> pd.Series:
+    return pd.Series({"prefill by document": prefill}, name=index)
+
+
+def test_the_speed_up_spread_is_the_quartiles_of_the_per_document_ratios_flagged_when_it_includes_one():
+    reference = row(0, {("g", "t", "test", d): 1.0 for d in range(4)})
+    steady = row(1, {("g", "t", "test", d): s for d, s in enumerate([0.5, 0.6, 0.5, 0.6])})
+    noisy = row(2, {("g", "t", "test", d): s for d, s in enumerate([0.4, 2.0, 0.5, 1.8])})
+    assert speed_up_spread(steady, reference) == "1.67-2"
+    assert speed_up_spread(noisy, reference) == "0.542-2.12 unreliable"
+    assert math.isnan(speed_up_spread(row(3, {}), reference))  # no per-sample records: no spread to show
+
+
+def test_tables_print_the_speed_up_with_its_spread_and_keep_the_csv_columns_numbers():
+    table = pd.DataFrame({"run": ["none", "a", "b"], "prefill speed-up": [1.0, 1.78, 0.833],
+                          SPREAD: [math.nan, "1.66-1.88", "0.554-1.98 unreliable"]})
+    assert list(readable(table)["prefill speed-up"]) == ["1", "1.78 (1.66-1.88)", "0.833 (0.554-1.98) unreliable"]
+    assert table["prefill speed-up"].dtype == float and SPREAD not in readable(table)

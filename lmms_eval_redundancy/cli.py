@@ -19,7 +19,7 @@ def _import_codebook(args) -> None:
 
 
 def _make_tiny(args) -> None:
-    from lmms_eval_redundancy.testing.tiny import build_tiny_model
+    from lmms_eval_redundancy.families import build_tiny_model
 
     for family in args.family or FAMILIES:
         print(build_tiny_model(family, f"{args.out}/{family}", seed=args.seed))
@@ -66,7 +66,7 @@ def _build_shapes_codebook(args) -> None:
 def _methods(args) -> None:
     import typing
 
-    from lmms_eval_redundancy.methods import (
+    from lmms_eval_redundancy.core.registry import (
         available_methods,
         method_class,
         param_fields,

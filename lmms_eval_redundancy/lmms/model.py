@@ -15,9 +15,13 @@ from tqdm import tqdm
 from transformers import LogitsProcessorList
 
 from lmms_eval_redundancy.core.budget import KEEP_ALL, parse_budget
-from lmms_eval_redundancy.core.registry import UNPRUNED, MethodError
+from lmms_eval_redundancy.core.registry import (
+    UNPRUNED,
+    MethodError,
+    build_method,
+    param_names,
+)
 from lmms_eval_redundancy.lmms.ledger import TokenLedger, results_dir_for
-from lmms_eval_redundancy.methods import build_method, param_names
 from lmms_eval_redundancy.runtime.efficiency import (
     BatchMeter,
     cache_bytes,

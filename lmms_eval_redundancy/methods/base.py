@@ -1,43 +1,24 @@
 """The two kinds of pruning method: choosing tokens before the LLM, and acting inside it.
 
 A method is one module in this package: a subclass of ``BeforeLLM`` or ``InsideLLM`` decorated with
-``@register``, with a ``name``, the budgets it accepts and a ``Params`` dataclass of its typed
+``lmms_eval_redundancy.core.registry.register``, with a ``name``, the budgets it accepts and a ``Params`` dataclass of its typed
 parameters (model_args keys). Model-specific pieces (layers, projections, rotary embeddings) come from
 the ``family`` object handed to ``attach``; hooks go on that model instance and are removed by ``detach``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import typing
 from dataclasses import dataclass, field
 
 from lmms_eval_redundancy.core.budget import Budget
 from lmms_eval_redundancy.core.files import content_id
-from lmms_eval_redundancy.core.registry import PATHS_KEY, MethodError, Stage, register
+from lmms_eval_redundancy.core.registry import PATHS_KEY, NoParams, Stage, is_file_param
 from lmms_eval_redundancy.core.timing import Stopwatch
-from lmms_eval_redundancy.core.visuals import Selection, VisualUnit
+from lmms_eval_redundancy.core.visuals import Selection, VisionNeed, VisualUnit
 
-__all__ = ["BeforeLLM", "InsideLLM", "MethodError", "NoParams", "PruningMethod", "Selection", "VisualUnit", "choice_param",
-           "file_param", "register"]
-
-
-def file_param():
-    """A ``Params`` field holding a file path: settings record the file by content (``content_id``), not by path."""
-    return field(default="", metadata={"file": True})
-
-
-def choice_param(default: str, choices: tuple[str, ...], official: str | None = None):
-    """A ``Params`` field taking one of ``choices``; ``official`` is the value ``faithful=true`` selects
-    (the behaviour of the method's official code, where the project's default differs)."""
-    metadata = {"choices": choices, **({"official": official} if official is not None else {})}
-    return field(default=default, metadata=metadata)
-
-
-@dataclass
-class NoParams:
-    """Parameters of a method that takes none besides its budget."""
+__all__ = ["BeforeLLM", "InsideLLM", "PruningMethod", "Selection", "VisionNeed", "VisualUnit"]
 
 
 @dataclass
@@ -75,7 +56,7 @@ class PruningMethod:
         File parameters appear as ``content_id`` (file stem and content hash); their paths go under ``paths``.
         """
         values = dataclasses.asdict(self.params)
-        paths = {f.name: values[f.name] for f in dataclasses.fields(self.params) if f.metadata.get("file") and values[f.name]}
+        paths = {f.name: values[f.name] for f in dataclasses.fields(self.params) if is_file_param(f) and values[f.name]}
         values.update({name: content_id(path) for name, path in paths.items()})
         return {"method": self.name, "stage": self.stage.value, "budget": self.budget.describe(), **values,
                 **({PATHS_KEY: paths} if paths else {})}
@@ -87,9 +68,10 @@ class BeforeLLM(PruningMethod):
 
     stage: typing.ClassVar[Stage] = Stage.BEFORE_LLM
 
-    def observing_vision(self):
-        """Context around the vision tower's forward; yields a list of per-forward scores, or ``None``."""
-        return contextlib.nullcontext(None)
+    def vision_needs(self) -> tuple[VisionNeed, ...]:
+        """What the method reads from inside the vision tower (after ``attach``); the family serves it to
+        each unit as ``unit.vision`` and ``unit.tile_vision``."""
+        return ()
 
     def select_unit(self, unit: VisualUnit) -> Selection:
         raise NotImplementedError
@@ -113,3 +95,4 @@ class InsideLLM(PruningMethod):
     def around_llm(self, batch, records, log_keep: bool = False):
         """Context for one generate/forward call over ``batch``; fills ``records`` with what was kept."""
         raise NotImplementedError
+

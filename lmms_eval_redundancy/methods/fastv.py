@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lmms_eval_redundancy.methods.base import InsideLLM, MethodError, register
+from lmms_eval_redundancy.core.registry import MethodError, register
+from lmms_eval_redundancy.methods.base import InsideLLM
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 

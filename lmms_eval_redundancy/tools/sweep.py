@@ -25,8 +25,7 @@ from tqdm import tqdm
 from lmms_eval_redundancy.core.budget import BUDGET_KEYS
 from lmms_eval_redundancy.core.errors import UserError
 from lmms_eval_redundancy.core.files import content_id
-from lmms_eval_redundancy.core.registry import UNPRUNED
-from lmms_eval_redundancy.methods import method_class, param_fields
+from lmms_eval_redundancy.core.registry import UNPRUNED, file_params, method_class
 
 
 class SweepError(UserError):
@@ -70,7 +69,7 @@ def _slug(value) -> str:
 def folder_name(method: str, params: tuple[tuple[str, object], ...]) -> str:
     """A cell folder's name: the method and its settings; a file parameter by its stem and content hash."""
     method_class(method)  # unknown methods are refused here, before anything runs
-    files = {f.name for f in param_fields(method) if f.metadata.get("file")}
+    files = set(file_params(method))
     parts = [f"{_slug(k)}-{content_id(v) if k in files else _slug(v)}" for k, v in params]
     return "_".join([method] + parts)
 

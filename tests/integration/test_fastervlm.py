@@ -43,16 +43,15 @@ def test_scores_follow_the_packed_anyres_order(tiny_models):
     w = LlavaRedundancy(pretrained=str(tiny_models["llava_next"]), device="cpu", method="fastervlm", retention=0.5)
     img = image(64, 40, 3)
     inputs = w.processor(text=[w._prompt("q", 1, 0)], images=[[img]], return_tensors="pt")
-    with torch.no_grad(), w.engine.method.observing_vision() as captured:
-        (visual,) = w.engine.family.encode(inputs, [1], [0])[0]
-    w.engine.family.attach_scores([[visual]], captured, inputs)
-    tiles = captured[0]
+    (visual,) = w.engine.pipeline(inputs, [1], [0], ["doc"]).visuals[0]
+    need = w.engine.method.need
+    tiles, scores = visual.tile_vision[need], visual.vision[need]
     model = w.model.model
     with_channel = torch.cat([model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
                                                        vision_feature_layer=-2, vision_feature_select_strategy="default"
-                                                       ).pooler_output[0], visual.scores[:, None]], dim=1)
+                                                       ).pooler_output[0], scores[:, None]], dim=1)
     raw = torch.cat([torch.zeros(tiles.shape[0], tiles.shape[1], model.image_newline.shape[0]), tiles[..., None]], dim=-1)
     packed = model.pack_image_features([raw], inputs["image_sizes"], "default",
                                        image_newline=torch.cat([model.image_newline, torch.tensor([float("nan")])]))[0][0]
     torch.testing.assert_close(packed[:, -1], with_channel[:, -1], equal_nan=True)
-    assert torch.isnan(visual.scores[visual.newline]).all() and not torch.isnan(visual.scores[~visual.newline]).any()
+    assert torch.isnan(scores[visual.newline]).all() and not torch.isnan(scores[~visual.newline]).any()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from transformers import LlamaConfig
 
+from lmms_eval_redundancy.families.tiny import real_geometry_config
 from lmms_eval_redundancy.runtime.efficiency import sample_flops
 from lmms_eval_redundancy.runtime.flops import llm_prefill_flops
-from lmms_eval_redundancy.testing.tiny import real_geometry_config
 
 
 def hand_count(tokens: int, hidden: int, kv: int, inter: int) -> float:

@@ -22,9 +22,8 @@ ALLOWED = {
     "runtime": {"core", "families"},
     "codebook.builder": {"core", "families", "runtime", "codebook.store", "codebook.analysis"},
     "lmms": {"core", "families", "methods", "runtime"},
-    "testing": {"core", "families", "methods", "runtime", "codebook"},
-    "tools": {"core", "families", "methods", "runtime", "codebook", "lmms", "testing"},
-    "embedded": {"core", "families", "methods", "runtime", "codebook", "lmms", "tools", "testing"},
+    "tools": {"core", "families", "methods", "runtime", "codebook", "lmms"},
+    "embedded": {"core", "families", "methods", "runtime", "codebook", "lmms", "tools"},
 }
 
 
@@ -91,9 +90,9 @@ def test_methods_import_nothing_family_specific():
         assert "transformers" not in source and "families" not in imports_of(path), path.name
 
 
-def test_the_lmms_eval_model_loads_without_tools_embedded_or_testing():
+def test_the_lmms_eval_model_loads_without_tools_or_embedded():
     code = ("import sys, lmms_eval_redundancy.lmms.model; print(sorted(m for m in sys.modules "
-            "if m.split('.')[0] == 'lmms_eval_redundancy' and m.split('.')[1:2] in (['tools'], ['embedded'], ['testing'])))")
+            "if m.split('.')[0] == 'lmms_eval_redundancy' and m.split('.')[1:2] in (['tools'], ['embedded'])))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -232,18 +232,37 @@ class Family:
         return self.config.text_config._attn_implementation or "eager"
 
     @staticmethod
-    def text_query_key(attention: torch.nn.Module, hidden_states: torch.Tensor, position_embeddings):
-        """``(q [B, H, 1, d], k [B, H, T, d], scale)`` of the last position over all keys of a decoder attention
-        module, rotary embeddings applied and grouped key heads repeated (any attention implementation)."""
-        rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+    def attention_input(layer: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        """What a decoder layer's attention module receives from the layer's input (its input norm)."""
+        return layer.input_layernorm(hidden_states)
+
+    @staticmethod
+    def text_query_key(attention: torch.nn.Module, hidden_states: torch.Tensor, position_embeddings,
+                       queries: slice | torch.Tensor = slice(-1, None), rotary: bool = True):
+        """``(q [B, H, Q, d], k [B, H, T, d], scale)`` of a decoder attention module for the query rows ``queries``
+        (a slice, or per-row positions ``[B, Q]``) over all keys, rotary embeddings applied unless ``rotary=False``
+        and grouped key heads repeated (any attention implementation)."""
+        rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
         batch, length, _ = hidden_states.shape
         head_dim = attention.head_dim
-        query = attention.q_proj(hidden_states[:, -1:]).view(batch, 1, -1, head_dim).transpose(1, 2)
+        if isinstance(queries, slice):
+            rows = torch.arange(length, device=hidden_states.device)[queries].expand(batch, -1)
+        else:
+            rows = queries
+        picked = hidden_states.gather(1, rows[..., None].expand(-1, -1, hidden_states.shape[-1]))
+        query = attention.q_proj(picked).view(batch, rows.shape[1], -1, head_dim).transpose(1, 2)
         key = attention.k_proj(hidden_states).view(batch, length, -1, head_dim).transpose(1, 2)
-        cos, sin = position_embeddings
-        query, _ = rotary(query, query, cos[:, -1:], sin[:, -1:])
-        _, key = rotary(key, key, cos, sin)
+        if rotary:
+            cos, sin = position_embeddings
+            cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
+            take = rows[..., None].expand(-1, -1, cos.shape[-1])
+            query, _ = rotate(query, query, cos.gather(1, take), sin.gather(1, take))
+            _, key = rotate(key, key, cos, sin)
         return query, key.repeat_interleave(query.shape[1] // key.shape[1], dim=1), attention.scaling
+
+    def rotary_embeddings(self, hidden_states: torch.Tensor, position_ids: torch.Tensor):
+        """The LLM's rotary ``(cos, sin)`` at ``position_ids [B, T]``."""
+        return self.model.model.language_model.rotary_emb(hidden_states, position_ids=position_ids)
 
     @staticmethod
     def gather_positions(layer_kwargs: dict, index: torch.Tensor) -> None:

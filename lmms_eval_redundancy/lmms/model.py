@@ -26,6 +26,7 @@ from lmms_eval_redundancy.runtime.efficiency import (
     BatchMeter,
     cache_bytes,
     sample_flops,
+    tokens_per_layer,
 )
 from lmms_eval_redundancy.runtime.engine import PruningEngine
 from lmms_eval_redundancy.runtime.loading import load, process_layout
@@ -182,11 +183,10 @@ class LlavaRedundancy(lmms):
         shared["pruning_seconds"] = self.engine.method.selection.seconds / size
         if cache is not None:
             shared["kv_cache_bytes"] = cache_bytes(cache) / size
-        first_pruned = self.engine.first_pruned_layer
+        layers = self._model.config.text_config.num_hidden_layers
         for row, ((_, _, _, doc_id, task, split), sample_records) in enumerate(zip(requests_args, records)):
-            dropped_inside = sum(r.before - r.after for r in sample_records) if first_pruned is not None else 0
-            flops = sample_flops(self._model.config, int(batch.attention_mask[row].sum()), dropped_inside,
-                                 first_pruned, batch.vision_tiles[row])
+            llm_tokens = tokens_per_layer(int(batch.attention_mask[row].sum()), sample_records, layers)
+            flops = sample_flops(self._model.config, llm_tokens, batch.vision_tiles[row])
             self.ledger.add(request, task, split, doc_id, sample_records, {**shared, **flops, "batch_size": size})
         self.ledger.flush()
 

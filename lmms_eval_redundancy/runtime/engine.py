@@ -76,11 +76,6 @@ class PruningEngine:
     def settings(self) -> dict:
         return {**self.method.settings(), "anyres": self.anyres, "family": self.family.name}
 
-    @property
-    def first_pruned_layer(self) -> int | None:
-        """The first decoder layer with fewer tokens when the method acts inside the LLM, else ``None``."""
-        return self.method.first_pruned_layer if self.method.stage is Stage.INSIDE_LLM else None
-
     def processor_inputs(self, prompts: list[str], images: list[list], videos: list):
         """Processor outputs for a batch on the model's device, pixels in the model's dtype.
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from conftest import image, requests_for
+from conftest import FAMILIES, REPO, image, requests_for
 from transformers import AutoModelForImageTextToText
 
 from lmms_eval_redundancy.lmms.model import LlavaRedundancy
-from lmms_eval_redundancy.methods import fastv
+from lmms_eval_redundancy.methods import base as stages
 
 DOCS = [
     {"question": "what color is this ?", "visuals": [image(32, 32, 0)], "target": " red"},
@@ -29,8 +31,8 @@ def test_retention_one_gives_the_output_of_method_none(tiny_models):
 
 def test_layer_k_minus_1_row_under_sdpa_equals_eager(tiny_models, monkeypatch):
     rows = []
-    original = fastv.last_token_attention
-    monkeypatch.setattr(fastv, "last_token_attention", lambda *a: rows.append(original(*a)) or rows[-1])
+    original = stages.last_token_attention
+    monkeypatch.setattr(stages, "last_token_attention", lambda *a: rows.append(original(*a)) or rows[-1])
     w = wrapper(tiny_models["llava_next"], method="fastv", retention=0.5)
     _, batch, records = w._build([requests_for(w, DOCS[2:])[0].args])
     with torch.no_grad(), w.engine.around_llm(batch, records):
@@ -78,20 +80,20 @@ def test_pruned_generation_equals_no_cache_reference_masking_dropped_keys(tiny_m
     doc = DOCS[1] if family == "llava" else DOCS[2]
     _, batch, records = w._build([requests_for(w, [doc])[0].args])
     chosen = {}
-    original = fastv.rectangular
+    original = stages.rectangular
 
     def spy(kept, length):
         chosen["kept"] = kept
         return original(kept, length)
 
-    fastv.rectangular = spy
+    stages.rectangular = spy
     try:
         with torch.no_grad(), w.engine.around_llm(batch, records):
             out = w.model.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
                                    max_new_tokens=6, do_sample=False, suppress_tokens=w.engine.family.placeholder_ids,
                                    pad_token_id=w.tokenizer.pad_token_id, eos_token_id=w.tokenizer.eos_token_id)
     finally:
-        fastv.rectangular = original
+        stages.rectangular = original
     keep_visual = torch.zeros_like(batch.visual_mask)
     keep_visual[0, chosen["kept"][0]] = True
     keep_visual &= batch.visual_mask
@@ -131,3 +133,16 @@ def test_anyres_policies_other_than_full_are_refused(tiny_models):
 
     with pytest.raises(MethodError, match="anyres=base_only applies to methods before the LLM"):
         wrapper(tiny_models["llava_next"], method="fastv", retention=0.5, anyres="base_only")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fastv_on_the_multi_stage_base_keeps_and_generates_what_the_single_stage_fastv_did(tiny_models, family):
+    """``tests/data/fastv_single_stage.json``: kept indices and greedy generations of the single-stage FastV
+    (before ``MultiStageLLM``) at retention 0.3, batch sizes 1 and 2, on the same tiny models."""
+    expected = json.loads((REPO / "tests" / "data" / "fastv_single_stage.json").read_text())
+    docs = [{"question": doc["question"], "visuals": doc["visuals"]} for doc in DOCS]
+    for batch_size in (1, 2):
+        w = wrapper(tiny_models[family], method="fastv", retention=0.3, batch_size=batch_size, log_keep_indices=True)
+        texts = w.generate_until(requests_for(w, docs))
+        keeps = sorted([s["doc_id"], u["visual"], u["unit"], u["keep"]] for s in w.ledger.samples for u in s["units"])
+        assert {"texts": texts, "keeps": keeps} == expected[f"{family}/{batch_size}"]

@@ -13,9 +13,11 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +46,25 @@ def release_file(relative: str) -> Path:
 LOCAL_TASKS = "tiny_image,tiny_multi_image,tiny_video,tiny_image_choice"
 LOCAL_DOCS = {"tiny_image": 8, "tiny_multi_image": 8, "tiny_video": 4, "tiny_image_choice": 8}
 LOCAL_REQUESTS = 8 + 8 + 4 + 8 * 4  # multiple choice sends one loglikelihood request per choice
+
+
+def readme_methods() -> list[tuple[str, str]]:
+    """File name and code of every example of the README's "Adding a method", in order."""
+    section = (REPO / "README.md").read_text().split("## Adding a method", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"`lmms_eval_redundancy/methods/(\w+\.py)`:\n\n```python\n(.*?)```", section, re.S)
+
+
+def register_readme_methods() -> None:
+    """Each README example as a module of the methods package, registered like a pasted file (the generated
+    "every method" tests then cover them)."""
+    for file_name, code in readme_methods():
+        name = f"lmms_eval_redundancy.methods.{file_name.removesuffix('.py')}"
+        if name not in sys.modules:
+            module = sys.modules[name] = types.ModuleType(name)
+            exec(compile(code, f"README.md ({file_name})", "exec"), module.__dict__)
+
+
+register_readme_methods()
 
 
 def pytest_collection_modifyitems(items):

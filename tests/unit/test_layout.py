@@ -118,3 +118,24 @@ def test_no_tracked_file_names_an_absolute_machine_path():
         if pattern.search(text) and path != Path(__file__):
             offenders.append(str(path.relative_to(REPO)))
     assert not offenders, offenders
+
+
+def calls_in(path: Path) -> list[str]:
+    """``splice`` and ``<...>family.encode`` calls in a module's source."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call):
+            function = node.func
+            if isinstance(function, ast.Name) and function.id == "splice":
+                found.append("splice(")
+            if isinstance(function, ast.Attribute) and function.attr == "encode" and ast.unparse(function.value).endswith("family"):
+                found.append("family.encode(")
+    return found
+
+
+def test_splice_and_family_encode_are_called_from_one_module():
+    callers = {}
+    for path in PACKAGE.rglob("*.py"):
+        for call in calls_in(path):
+            callers.setdefault(call, set()).add(module_name(path))
+    assert callers == {"splice(": {"runtime.engine"}, "family.encode(": {"runtime.engine"}}

@@ -55,9 +55,8 @@ def _import_codebook(args) -> None:
 
 
 def _make_tiny(args) -> None:
-    from lmms_eval_redundancy.families import FAMILIES
-    from lmms_eval_redundancy.testing.tiny import build_tiny_model
     from lmms_eval_redundancy.core.files import output_folder
+    from lmms_eval_redundancy.families import FAMILIES, build_tiny_model
 
     unknown = sorted(set(args.family or ()) - set(FAMILIES))
     if unknown:
@@ -109,7 +108,7 @@ def _build_shapes_codebook(args) -> None:
 def _methods(args) -> None:
     import typing
 
-    from lmms_eval_redundancy.methods import (
+    from lmms_eval_redundancy.core.registry import (
         available_methods,
         method_class,
         param_fields,

@@ -13,9 +13,11 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +48,25 @@ LOCAL_DOCS = {"tiny_image": 8, "tiny_multi_image": 8, "tiny_video": 4, "tiny_ima
 LOCAL_REQUESTS = 8 + 8 + 4 + 8 * 4  # multiple choice sends one loglikelihood request per choice
 
 
+def readme_methods() -> list[tuple[str, str]]:
+    """File name and code of every example of the README's "Adding a method", in order."""
+    section = (REPO / "README.md").read_text().split("## Adding a method", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"`lmms_eval_redundancy/methods/(\w+\.py)`:\n\n```python\n(.*?)```", section, re.S)
+
+
+def register_readme_methods() -> None:
+    """Each README example as a module of the methods package, registered like a pasted file (the generated
+    "every method" tests then cover them)."""
+    for file_name, code in readme_methods():
+        name = f"lmms_eval_redundancy.methods.{file_name.removesuffix('.py')}"
+        if name not in sys.modules:
+            module = sys.modules[name] = types.ModuleType(name)
+            exec(compile(code, f"README.md ({file_name})", "exec"), module.__dict__)
+
+
+register_readme_methods()
+
+
 def pytest_collection_modifyitems(items):
     """Mark every test with the tier of its folder (``pytest -m unit`` runs the fast tier alone)."""
     for item in items:
@@ -57,7 +78,7 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Random tiny checkpoints saved to disk, one per family (loaded back with from_pretrained by users)."""
-    from lmms_eval_redundancy.testing.tiny import build_tiny_model
+    from lmms_eval_redundancy.families import build_tiny_model
 
     root = tmp_path_factory.mktemp("tiny")
     return {family: build_tiny_model(family, root / family) for family in FAMILIES}
@@ -73,10 +94,25 @@ def local_tasks(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_codebook(tiny_models, tmp_path_factory) -> tuple[Path, float]:
-    """A codebook for the tiny LLaVA model and a threshold that keeps part, not all, of its tokens."""
-    from lmms_eval_redundancy.testing.tiny import tiny_codebook as build
+    """A codebook for the tiny LLaVA model: 6 of its projected tokens of one noise image, and a threshold
+    (the median score of another image's tokens) that keeps about half of them."""
+    from lmms_eval_redundancy.codebook.store import Codebook, save_codebook
+    from lmms_eval_redundancy.core.budget import KEEP_ALL
+    from lmms_eval_redundancy.core.registry import UNPRUNED, build_method
+    from lmms_eval_redundancy.methods.codebook import redundancy_scores
+    from lmms_eval_redundancy.runtime.engine import PruningEngine
+    from lmms_eval_redundancy.runtime.loading import load
 
-    return build(tiny_models["llava"], tmp_path_factory.mktemp("codebook") / "tiny.safetensors")
+    loaded = load(str(tiny_models["llava"]), device="cpu")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)) for _ in range(2)]
+    engine = PruningEngine(loaded.model, loaded.processor, loaded.family, build_method(UNPRUNED, KEEP_ALL))
+    inputs = engine.processor_inputs([loaded.processor.image_token] * 2, [[image] for image in images], [])
+    (first,), (second,) = engine.pipeline(inputs, [1, 1], [0, 0], ["a", "b"]).visuals
+    prototypes = first.features[:6].clone()
+    threshold = round(float(redundancy_scores(second.features, prototypes).median()), 4)
+    meta = {"model": str(tiny_models["llava"]), "source": "tiny: projected tokens of a noise image", "threshold": str(threshold)}
+    return save_codebook(Codebook(prototypes, meta), tmp_path_factory.mktemp("codebook") / "tiny.safetensors"), threshold
 
 
 def image(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -84,22 +120,46 @@ def image(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
 
 
-class FakeRequest:
-    """What lmms-eval hands a simple model: an object with ``args``."""
-
-    def __init__(self, *args):
-        self.args = args
-
-
 def requests_for(wrapper, docs: list[dict], kind: str = "generate_until", task: str = "unit"):
     """Requests over ``docs`` (each with ``question``, ``visuals`` and, for loglikelihood, ``target``)."""
-    wrapper.task_dict = {task: {"test": dict(enumerate(docs))}}
-    gen_kwargs = {"max_new_tokens": 6, "until": ["</s>"]}
-    return [
-        FakeRequest(doc["question"], doc["target"] if kind == "loglikelihood" else dict(gen_kwargs),
-                    lambda d: d["visuals"], i, task, "test")
-        for i, doc in enumerate(docs)
-    ]
+    from lmms_eval_redundancy.lmms.requests import simple_requests
+
+    return simple_requests(wrapper, docs, kind, task, gen_kwargs={"max_new_tokens": 6, "until": ["</s>"]})
+
+
+def method_cases() -> dict[str, dict]:
+    """model_args of every registered method (the unpruned reference left out) on the tiny models, from what
+    it declares: a count budget, ``anyres=base_only`` when it needs a token grid, file parameters marked
+    ``"<codebook>"`` (the tiny codebook)."""
+    from lmms_eval_redundancy.core.registry import UNPRUNED, file_params, method_classes
+
+    cases = {}
+    for cls in method_classes():
+        if cls.name == UNPRUNED:
+            continue
+        budget = {"retention": 0.4} if "retention" in cls.budgets else {"tokens": 4}
+        case = {"method": cls.name, **budget, **{param: "<codebook>" for param in file_params(cls.name)}}
+        cases[cls.name] = {**case, "anyres": "base_only"} if cls.needs_grid else case
+    return cases
+
+
+def codebook_keep(folder: Path, features, prototypes, budget, **params):
+    """Keep indices of the shipped ``codebook`` method for one unit of ``features``, given ``prototypes``."""
+    from types import SimpleNamespace
+
+    from lmms_eval_redundancy.codebook.store import Codebook, save_codebook
+    from lmms_eval_redundancy.core.registry import build_method
+    from lmms_eval_redundancy.core.visuals import VisualUnit
+
+    path = save_codebook(Codebook(prototypes, {"model": "unit test"}), folder / "keep.safetensors")
+    method = build_method("codebook", budget, codebook=str(path), **params)
+    method.attach(SimpleNamespace(config=SimpleNamespace(text_config=SimpleNamespace(hidden_size=prototypes.shape[1]))), None)
+    return method.select_unit(VisualUnit(features, key="unit")).keep
+
+
+def with_files(args: dict, codebook: Path) -> dict:
+    """``args`` with file parameters pointing at ``codebook``."""
+    return {key: str(codebook) if value == "<codebook>" else value for key, value in args.items()}
 
 
 @functools.cache

@@ -38,8 +38,11 @@ from lmms_eval_redundancy.codebook.analysis import (
     window_indices,
 )
 from lmms_eval_redundancy.codebook.store import Codebook, save_codebook
+from lmms_eval_redundancy.core.budget import KEEP_ALL
 from lmms_eval_redundancy.core.errors import UserError
 from lmms_eval_redundancy.core.files import figure_png, output_folder, write_atomically
+from lmms_eval_redundancy.core.registry import UNPRUNED, build_method
+from lmms_eval_redundancy.runtime.engine import PruningEngine
 from lmms_eval_redundancy.runtime.loading import load, process_layout
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
@@ -238,17 +241,15 @@ class Prober:
             self.pad = self.embed(torch.tensor([pad_id], device=self.device))[0]
         self.article_ids = article_ids(tokenizer, settings.articles)
         self.forward_passes = 0
+        self.engine = PruningEngine(model, processor, family, build_method(UNPRUNED, KEEP_ALL), anyres="base_only")
 
-    @torch.no_grad()
     def visual_tokens(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Post-projector tokens of the image's base view ``[N, D]`` and their grid."""
-        inputs = self.processor(text=[self.processor.image_token], images=[[image.convert("RGB")]], return_tensors="pt")
-        inputs = inputs.to(self.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        (visual,) = self.family.encode(inputs, [1], [0])[0]
-        positions = visual.base if visual.base is not None else visual.units[0]
+        """Post-projector tokens of the image's base view ``[N, D]`` and their grid (the pipeline, unpruned)."""
+        inputs = self.engine.processor_inputs([self.processor.image_token], [[image.convert("RGB")]], [])
+        pruned = self.engine.pipeline(inputs, [1], [0], ["probe"])
+        (positions,) = pruned.unit_positions[0]
         side = self.family.patch_grid
-        return visual.features[positions], (side, side)
+        return pruned.visuals[0][0].features[positions], (side, side)
 
     @torch.no_grad()
     def first_token_logits(self, visual: torch.Tensor, skip_article: bool = False) -> torch.Tensor:

@@ -1,14 +1,17 @@
-"""The pruning-method registry: each method declares its stage, budgets and typed parameters.
+"""The pruning-method registry, its one door: registration, lookup, typed parameters and building.
 
-Methods register themselves with ``@register`` when their module is imported; importing
-``lmms_eval_redundancy.methods`` imports every method module, so lookups go through that package.
+Methods register themselves with ``@register`` when their module is imported. The first lookup imports
+the ``lmms_eval_redundancy.methods`` package by name, which imports every module in that folder, so a
+new method file is found without being named anywhere.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 import typing
+from dataclasses import dataclass, field
 from enum import Enum
 
 from lmms_eval_redundancy.core.budget import Budget
@@ -29,6 +32,29 @@ class MethodError(UserError):
 
 
 _METHODS: dict[str, type] = {}
+METHODS_PACKAGE = "lmms_eval_redundancy.methods"
+
+
+def file_param():
+    """A ``Params`` field holding a file path: settings record the file by content (``content_id``), not by path."""
+    return field(default="", metadata={"file": True})
+
+
+def choice_param(default: str, choices: tuple[str, ...], official: str | None = None):
+    """A ``Params`` field taking one of ``choices``; ``official`` is the value ``faithful=true`` selects
+    (the behaviour of the method's official code, where the project's default differs)."""
+    metadata = {"choices": choices, **({"official": official} if official is not None else {})}
+    return field(default=default, metadata=metadata)
+
+
+def is_file_param(param: dataclasses.Field) -> bool:
+    """Whether a ``Params`` field names a file (declared with ``file_param``)."""
+    return bool(param.metadata.get("file"))
+
+
+@dataclass
+class NoParams:
+    """Parameters of a method that takes none besides its budget."""
 
 
 def register(cls: type) -> type:
@@ -39,15 +65,30 @@ def register(cls: type) -> type:
     return cls
 
 
+def _methods() -> dict[str, type]:
+    importlib.import_module(METHODS_PACKAGE)
+    return _METHODS
+
+
 def available_methods() -> list[str]:
     """Names of the registered methods."""
-    return sorted(_METHODS)
+    return sorted(_methods())
+
+
+def method_classes() -> list[type]:
+    """The registered method classes, by name."""
+    return [_methods()[name] for name in available_methods()]
 
 
 def method_class(name: str) -> type:
-    if name not in _METHODS:
+    if name not in _methods():
         raise MethodError(f"unknown method {name!r}; available methods: {', '.join(available_methods())}")
     return _METHODS[name]
+
+
+def file_params(name: str) -> list[str]:
+    """Names of a method's file parameters."""
+    return [f.name for f in param_fields(name) if is_file_param(f)]
 
 
 def param_fields(name: str) -> list[dataclasses.Field]:

@@ -27,8 +27,7 @@ def policy_units(visual: PackedVisual, anyres: str) -> tuple[list[torch.Tensor],
         side = math.isqrt(visual.base.numel())  # the base view is a square grid
         return [visual.base], [(side, side)], False
     if anyres == "per_view" and visual.base is not None:
-        views = visual.views.round()
-        units = [torch.nonzero(views == v).flatten() for v in views[~visual.newline].unique()]
+        units = [torch.nonzero(visual.tiles == v).flatten() for v in visual.tiles[~visual.newline].unique()]
         return units, [None] * len(units), True
     return visual.units, visual.grids, True
 
@@ -36,74 +35,91 @@ def policy_units(visual: PackedVisual, anyres: str) -> tuple[list[torch.Tensor],
 def visual_units(visual: PackedVisual, key: str, anyres: str = "full") -> tuple[list[torch.Tensor], list[VisualUnit], bool]:
     """The positions and ``VisualUnit`` of each unit of ``policy_units``, and whether newline tokens are kept."""
     positions, grids, keep_newlines = policy_units(visual, anyres)
-    per_view = anyres == "per_view" and visual.base is not None
-    units = []
-    for index, (where, grid) in enumerate(zip(positions, grids)):
-        unit = VisualUnit(visual.features[where], key=f"{key}/{visual.kind}{index}", grid=grid,
-                          scores=None if visual.scores is None else visual.scores[where])
-        if per_view and visual.tile_scores is not None:
-            unit.view_scores = visual.tile_scores[int(visual.views[where[0]].round())]
-            unit.view_patches = visual.patches[where].round().long()
-        units.append(unit)
+    units = [VisualUnit(visual.features[where], key=f"{key}/{visual.kind}{index}", grid=grid, tiles=visual.tiles[where],
+                        patches=visual.patches[where], vision={need: data[where] for need, data in visual.vision.items()},
+                        tile_vision=visual.tile_vision)
+             for index, (where, grid) in enumerate(zip(positions, grids))]
     return positions, units, keep_newlines
 
 
 def apply_selections(visual: PackedVisual, positions: list[torch.Tensor], selections: list[Selection],
-                     keep_newlines: bool, log_keep: bool = False) -> tuple[torch.Tensor, list[UnitRecord]]:
-    """Kept features of ``visual`` (in original order) and one record per unit, given each unit's selection."""
+                     keep_newlines: bool, log_keep: bool = False, project=None) -> tuple[torch.Tensor, list[UnitRecord]]:
+    """The LLM-input tokens of ``visual`` given each unit's selection, and one record per unit.
+
+    Kept tokens stay in their original order; merged tokens go where their selection places them
+    (vision-space ones through ``project``, the family's projector).
+    """
     keep_mask = visual.newline.clone() if keep_newlines else torch.zeros_like(visual.newline)
-    features = visual.features
     newlines_before = int(visual.newline.sum())
-    records = []
+    merged_tokens, merged_slots, records = [], [], []
     for index, (where, selection) in enumerate(zip(positions, selections)):
         kept = where[selection.keep]
         keep_mask[kept] = True
-        if selection.features is not None:
-            if features is visual.features:
-                features = features.clone()
-            features[kept] = selection.features.to(features.dtype)
+        merged = 0
+        if selection.merged is not None:
+            tokens = project(selection.merged) if selection.merged_space == "vision" else selection.merged
+            after = selection.merged_after
+            anchors = where[after.clamp(min=0)]
+            merged_tokens.append(tokens.to(visual.features.dtype))
+            merged_slots.append((anchors, after < 0))
+            merged = int(tokens.shape[0])
         records.append(UnitRecord(
             kind="frame" if visual.kind == "video" else "image",
             visual=0,
             unit=index,
             before=int(where.numel()),
-            after=int(kept.numel()),
+            after=int(kept.numel()) + merged,
             newlines_before=newlines_before if index == 0 else 0,
-            newlines_after=int((keep_mask & visual.newline).sum()) if index == 0 else 0,
+            newlines_after=0,
             floor_hit=selection.floor_hit,
-            keep=selection.keep.tolist() if log_keep and selection.features is None else None,
+            keep=selection.keep.tolist() if log_keep else None,
+            merged=merged or None,
         ))
-    return features[keep_mask], records
+    if records:
+        records[0].newlines_after = int((keep_mask & visual.newline).sum())
+    if not merged_tokens:
+        return visual.features[keep_mask], records
+    return place_merged(visual.features, keep_mask, merged_tokens, merged_slots), records
+
+
+def place_merged(features: torch.Tensor, keep_mask: torch.Tensor, merged: list[torch.Tensor], slots: list) -> torch.Tensor:
+    """Kept rows of ``features`` in order, with each merged token right after (or, flagged, right before) its anchor row."""
+    count = sum(tokens.shape[0] for tokens in merged)
+    stride = 2 * count + 2  # room for every merged token on either side of one row
+    middle = count + 1
+    keys = [torch.nonzero(keep_mask).flatten() * stride + middle]
+    offset = 0
+    for tokens, (anchors, before) in zip(merged, slots):
+        order = torch.arange(offset, offset + tokens.shape[0], device=anchors.device)
+        keys.append(anchors * stride + torch.where(before, order, middle + 1 + order))
+        offset += tokens.shape[0]
+    rows = torch.cat([features[keep_mask]] + merged)
+    return rows[torch.argsort(torch.cat(keys), stable=True)]
 
 
 def prune_batch(samples: list[list[PackedVisual]], method, keys: list[str], anyres: str = "full",
-                log_keep: bool = False) -> list[tuple[list[torch.Tensor], list[UnitRecord]]]:
+                log_keep: bool = False, project=None) -> list[tuple[list[torch.Tensor], list[UnitRecord], list]]:
     """Prune every visual of every sample with one ``method.select_units`` call over all their units.
 
-    Per sample: the kept features of each visual and the records of its units (``visual`` = index in the sample).
+    Per sample: the LLM-input tokens of each visual, the records of its units (``visual`` = index in the
+    sample) and, aligned with the records, each unit's positions in its visual.
     """
     plans = [[visual_units(visual, f"{key}/{index}", anyres) for index, visual in enumerate(sample)]
              for sample, key in zip(samples, keys)]
     selections = iter(method.select_units([unit for plan in plans for _, units, _ in plan for unit in units]))
     pruned = []
     for sample, plan in zip(samples, plans):
-        kept, records = [], []
+        kept, records, unit_positions = [], [], []
         for index, (visual, (positions, units, keep_newlines)) in enumerate(zip(sample, plan)):
             features, unit_records = apply_selections(visual, positions, [next(selections) for _ in units],
-                                                      keep_newlines, log_keep)
+                                                      keep_newlines, log_keep, project)
             for record in unit_records:
                 record.visual = index
             kept.append(features)
             records.extend(unit_records)
-        pruned.append((kept, records))
+            unit_positions.extend(positions)
+        pruned.append((kept, records, unit_positions))
     return pruned
-
-
-def prune_visual(visual: PackedVisual, method, key: str, anyres: str = "full",
-                 log_keep: bool = False) -> tuple[torch.Tensor, list[UnitRecord]]:
-    """Kept features of one visual and one record per unit of ``policy_units`` (units keyed ``<key>/<kind><unit>``)."""
-    positions, units, keep_newlines = visual_units(visual, key, anyres)
-    return apply_selections(visual, positions, method.select_units(units), keep_newlines, log_keep)
 
 
 def keep_all_records(visuals: list[PackedVisual]) -> list[UnitRecord]:

@@ -6,25 +6,45 @@ from dataclasses import dataclass, field
 
 import torch
 
+VISION_NEED_KINDS = ("hidden", "keys", "cls_attention", "received_attention")
+
+
+@dataclass(frozen=True)
+class VisionNeed:
+    """Something a method reads from inside the vision tower, for every patch of every tile.
+
+    ``kind``: ``hidden`` (the output of encoder layer ``layer``, before the projector, ``[C]`` per patch),
+    ``keys`` (that layer's keys, heads concatenated, ``[C]``), ``cls_attention`` (the [CLS] query's head-mean
+    attention probability on each patch) or ``received_attention`` (the head-mean probability each patch
+    receives, averaged over all queries). ``layer``: encoder layer index; ``None`` is the layer LLaVA reads.
+    """
+
+    kind: str
+    layer: int | None = None
+
 
 @dataclass
 class PackedVisual:
-    """One image or one video, as the packed token sequence its placeholders stand for.
+    """One image or one video, as the packed token sequence its placeholders stand for, built whole by the family.
 
-    ``units`` index the prunable tokens of each image or frame inside ``features`` (newline tokens
-    are in no unit); ``base`` indexes the base (global) view of an anyres image, when it has crops.
+    ``units`` index the prunable tokens of each image or frame inside ``features`` (newline tokens are in
+    no unit); ``base`` indexes the base (global) view of an anyres image, when it has crops. ``tiles`` and
+    ``patches`` give each token's vision tile (anyres view, or video frame) and its patch (pooled cell for
+    video) in that tile; both are -1 where ``newline`` is True. ``vision`` holds the data of each requested
+    ``VisionNeed`` aligned to the packed tokens (NaN at newlines), ``tile_vision`` the same data for every
+    patch of every tile of this visual, padding included (``[tiles, patches, ...]``).
     """
 
     features: torch.Tensor  # [L, D]
     kind: str  # "image" | "video"
     units: list[torch.Tensor]
     newline: torch.Tensor  # bool [L]
+    tiles: torch.Tensor  # long [L]
+    patches: torch.Tensor  # long [L]
     grids: list[tuple[int, int] | None] = field(default_factory=list)
     base: torch.Tensor | None = None
-    scores: torch.Tensor | None = None  # [L] vision attention scores aligned to ``features`` (NaN at newlines)
-    views: torch.Tensor | None = None  # [L] anyres view of each token (0 = base view; NaN at newlines)
-    patches: torch.Tensor | None = None  # [L] each token's patch within its view (NaN at newlines)
-    tile_scores: torch.Tensor | None = None  # [views, patches] scores of every patch of every view, padding included
+    vision: dict[VisionNeed, torch.Tensor] = field(default_factory=dict)
+    tile_vision: dict[VisionNeed, torch.Tensor] = field(default_factory=dict)
 
     @property
     def length(self) -> int:
@@ -33,40 +53,48 @@ class PackedVisual:
 
 @dataclass
 class VisualUnit:
-    """The tokens of one image (or one video frame) that a method chooses from.
+    """The tokens of one image (or one video frame, or one anyres view) that a method chooses from.
 
     ``features`` are post-projector tokens ``[N, D]`` with newline tokens already removed; ``key``
     identifies the unit across runs (used to seed random choices); ``grid`` is the (rows, cols) of
-    the token grid when the unit is a plain raster (``None`` for packed anyres sequences); ``scores``
-    are per-token vision-tower attention scores for methods that ask for them. When the unit is one anyres
-    view, ``view_scores`` are the scores of all the view's patches (padding included) and ``view_patches``
-    the patch each unit token came from.
+    the token grid when the unit is a plain raster (``None`` for packed anyres sequences). ``tiles`` and
+    ``patches`` are each token's tile and patch; ``vision`` the requested vision-tower data of each token
+    (``[N, ...]``), ``tile_vision`` that data for every patch of every tile of the unit's image or video.
     """
 
     features: torch.Tensor
     key: str
     grid: tuple[int, int] | None = None
-    scores: torch.Tensor | None = None
-    view_scores: torch.Tensor | None = None
-    view_patches: torch.Tensor | None = None
+    tiles: torch.Tensor | None = None
+    patches: torch.Tensor | None = None
+    vision: dict[VisionNeed, torch.Tensor] = field(default_factory=dict)
+    tile_vision: dict[VisionNeed, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
 class Selection:
-    """Sorted keep indices into a unit, and how the budget was met.
+    """What a method makes of one unit: sorted keep indices, and optionally new (merged) tokens.
 
-    Methods that merge tokens (pooling) also return ``features``, the tokens that replace the unit; they
-    take the places of its first ``len(features)`` tokens (``keep`` then is ``arange(len(features))``).
+    ``merged`` are new tokens ``[M, C]``: LLM inputs (``merged_space="llm"``) or vision-tower states that the
+    family's projector turns into LLM inputs (``"vision"``). Merged token ``j`` is placed right after unit
+    token ``merged_after[j]`` (-1: before the unit's first token), whether or not that token is kept.
     """
 
     keep: torch.Tensor
     floor_hit: bool = False
-    features: torch.Tensor | None = None
+    merged: torch.Tensor | None = None
+    merged_after: torch.Tensor | None = None
+    merged_space: str = "llm"
 
 
 @dataclass
 class UnitRecord:
-    """Token counts of one image or frame before and after pruning."""
+    """Token counts of one image or frame before and after pruning.
+
+    ``after`` counts every token the LLM receives for the unit, ``merged`` of them new (merged) tokens;
+    ``keep`` (when logged) the kept original tokens. ``layers``: for methods inside the LLM, the unit's
+    visual tokens at each decoder layer.
+    """
 
     kind: str  # "image" | "frame"
     visual: int  # index of the image/video within its sample
@@ -77,3 +105,5 @@ class UnitRecord:
     newlines_after: int
     floor_hit: bool = False
     keep: list[int] | None = None
+    merged: int | None = None
+    layers: list[int] | None = None

@@ -21,10 +21,14 @@ import yaml
 from lmms_eval_redundancy.codebook.store import load_codebook
 from lmms_eval_redundancy.core.errors import UserError
 from lmms_eval_redundancy.core.files import write_atomically
-from lmms_eval_redundancy.core.registry import UNPRUNED
+from lmms_eval_redundancy.core.registry import (
+    UNPRUNED,
+    available_methods,
+    file_params,
+    method_class,
+)
 from lmms_eval_redundancy.embedded.shapes_codebook import CODEBOOK
 from lmms_eval_redundancy.embedded.tasks import data_stamp, write_local_tasks
-from lmms_eval_redundancy.methods import available_methods, method_class, param_fields
 from lmms_eval_redundancy.runtime.loading import BUILTIN
 
 TASKS = "shapes_image,shapes_multi_image,shapes_video"  # one sweep task entry: one lmms_eval run per cell
@@ -51,7 +55,7 @@ def method_entries() -> list[dict]:
         budgets = {"retention": RETENTIONS} if "retention" in cls.budgets else {}
         if "threshold" in cls.budgets:
             budgets["threshold"] = thresholds
-        entry = {"method": name, **{f.name: str(CODEBOOK) for f in param_fields(name) if f.metadata.get("file")}}
+        entry = {"method": name, **{param: str(CODEBOOK) for param in file_params(name)}}
         if cls.needs_grid:
             entry["anyres"] = "base_only"  # the model's single images are anyres; one token grid is the base view
         entries.append({**entry, "budgets": budgets})

@@ -14,22 +14,25 @@ from PIL import Image
 
 from lmms_eval_redundancy.codebook.builder import build_codebook, load_settings
 from lmms_eval_redundancy.codebook.store import Codebook, load_codebook, save_codebook
+from lmms_eval_redundancy.core.budget import KEEP_ALL
+from lmms_eval_redundancy.core.registry import UNPRUNED, build_method
 from lmms_eval_redundancy.embedded import shapes
 from lmms_eval_redundancy.embedded.training import TrainSettings
 from lmms_eval_redundancy.methods.codebook import redundancy_scores
+from lmms_eval_redundancy.runtime.engine import PruningEngine
 from lmms_eval_redundancy.runtime.loading import BUILTIN, load
 
 CODEBOOK = Path(str(BUILTIN / "shapes_codebook" / "codebook.safetensors"))  # what the main job uses
 
 
-@torch.no_grad()
 def prunable_tokens(loaded, images: list[bytes]) -> list[torch.Tensor]:
     """The LLM-input tokens of each PNG image that pruning chooses from (every view; newlines left out)."""
+    engine = PruningEngine(loaded.model, loaded.processor, loaded.family, build_method(UNPRUNED, KEEP_ALL))
     tokens = []
     for data in images:
-        inputs = loaded.processor(text=[loaded.processor.image_token], images=[[Image.open(io.BytesIO(data)).convert("RGB")]],
-                                  return_tensors="pt")
-        (visual,) = loaded.family.encode(inputs, [1], [0])[0]
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        inputs = engine.processor_inputs([loaded.processor.image_token], [[image]], [])
+        (visual,) = engine.pipeline(inputs, [1], [0], ["codebook"]).visuals[0]
         tokens.append(visual.features[~visual.newline])
     return tokens
 

@@ -1,7 +1,7 @@
 """The embedded default model: a small LLaVA-OneVision-architecture model trained on the shapes benchmark.
 
 ``train`` builds it from scratch (CLIP tower with a [CLS] token, Qwen2 text tower, the word tokenizer of
-``testing/tiny.py``) and trains it on data drawn from the shapes generator with a seed the benchmark does not use.
+``families/tiny.py``) and trains it on data drawn from the shapes generator with a seed the benchmark does not use.
 The trained weights ship in ``lmms_eval_redundancy/builtin/shapes`` with their ``training_record.json``;
 ``pretrained=builtin:shapes`` resolves to that folder. Training writes where it is told, never there
 unless that folder is named explicitly.
@@ -63,20 +63,18 @@ def build_untrained(settings: TrainSettings):
     """A randomly initialised model and its processor (OneVision architecture, CLIP tower)."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from lmms_eval_redundancy.testing.tiny import (
-        build_tokenizer,
-        tiny_config,
-        tiny_processor,
-    )
+    from lmms_eval_redundancy.families import family_of
+    from lmms_eval_redundancy.families.tiny import build_tokenizer
 
+    family = family_of("llava_onevision")
     tokenizer = build_tokenizer()
-    config = tiny_config("llava_onevision", tokenizer, settings.image_size, settings.patch_size, tower="clip",
-                         vision=settings.vision, text=settings.text)
+    config = family.tiny_config(tokenizer, settings.image_size, settings.patch_size, tower="clip",
+                                vision=settings.vision, text=settings.text)
     torch.manual_seed(settings.seed)
     model = LlavaOnevisionForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    processor = tiny_processor("llava_onevision", tokenizer, settings.image_size, settings.patch_size, tower="clip")
+    processor = family.tiny_processor(tokenizer, settings.image_size, settings.patch_size, tower="clip")
     return model, processor
 
 
@@ -191,14 +189,13 @@ def answer_logits(model, processor, family, docs: list[dict], inputs, dropout: f
     """Logits at the answer word and ``</s>`` of ``inputs`` (encoded ``docs``), a ``dropout`` fraction of each
     image's and frame's visual tokens dropped by the ``random`` method: the inference path, with gradients."""
     from lmms_eval_redundancy.core.budget import KEEP_ALL, Budget
-    from lmms_eval_redundancy.core.registry import UNPRUNED
-    from lmms_eval_redundancy.methods import build_method
+    from lmms_eval_redundancy.core.registry import UNPRUNED, build_method
     from lmms_eval_redundancy.runtime.engine import PruningEngine
 
     method = build_method("random", Budget("retention", 1 - dropout)) if dropout > 0 else build_method(UNPRUNED, KEEP_ALL)
     engine = PruningEngine(model, processor, family, method)
-    batch, _ = engine.prune(inputs, [len(d["images"]) for d in docs], [len(d["videos"]) for d in docs],
-                            [f"{key}/{i}" for i in range(len(docs))], grad=True)
+    batch = engine.pipeline(inputs, [len(d["images"]) for d in docs], [len(d["videos"]) for d in docs],
+                            [f"{key}/{i}" for i in range(len(docs))], grad=True).batch
     return model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, logits_to_keep=3).logits[:, :2]
 
 

@@ -1,19 +1,24 @@
 """What a model family provides: visual features as the LLM receives them, and the model's inner parts.
 
-Vision side: encode processor outputs into ``PackedVisual`` lists (one per sample), align per-patch
-scores to the packed order, the encoder layers and the layer LLaVA reads, query/key projections of a
-vision attention module. LLM side: the decoder layers, query/key projections with rotary embeddings,
+Vision side: encode processor outputs into complete ``PackedVisual`` lists (one per sample), serve the
+vision-tower data methods declare (``VisionNeed``) through hooks that compute only what is asked, align
+per-patch data to the packed order, project vision states into the LLM's input space. LLM side: the decoder layers, query/key projections with rotary embeddings,
 and the per-position inputs of a decoder layer. Methods use only these, never model internals.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
 
 from lmms_eval_redundancy.core.errors import UserError
-from lmms_eval_redundancy.core.visuals import PackedVisual
+from lmms_eval_redundancy.core.visuals import (
+    VISION_NEED_KINDS,
+    PackedVisual,
+    VisionNeed,
+)
 
 
 def patch_grid(vision_config) -> int:
@@ -31,6 +36,8 @@ class Family:
     name = ""
     model_class: type = None
     native_video = False
+    tiny_tower = "clip"  # the vision tower of the real checkpoints, which tiny ones copy
+    tiny_text_model = "llama"
 
     def __init__(self, model, processor=None):
         self.model = model
@@ -54,7 +61,7 @@ class Family:
         """Vision tiles of each image in the batch (1 unless the family uses anyres crops)."""
         return [1] * inputs["pixel_values"].shape[0]
 
-    # ---- visual features ---------------------------------------------------------------------------
+    # ---- visual features ----------------------------------------------------------------------------
 
     def _feature_kwargs(self) -> dict:
         return {
@@ -66,55 +73,118 @@ class Family:
         """Packed projector outputs, one tensor per image in the batch (flat, sample order)."""
         raise NotImplementedError
 
-    def pack_image(self, features: torch.Tensor) -> PackedVisual:
+    def pack_image(self, features: torch.Tensor, tiles: torch.Tensor, patches: torch.Tensor) -> PackedVisual:
+        """One image's ``PackedVisual`` from its packed features and each token's tile and patch ids."""
         raise NotImplementedError
 
     def video_features(self, inputs) -> list[PackedVisual]:
         raise NotImplementedError(f"{self.name} has no native video input")
 
-    def image_scores(self, tile_scores: torch.Tensor, inputs) -> list[torch.Tensor]:
-        """Per-patch scores of every vision tile, aligned to each image's packed sequence."""
+    def align_image(self, tile_data: torch.Tensor, inputs) -> list[torch.Tensor]:
+        """Per-patch data of every vision tile ``[tiles, patches, ...]`` aligned to each image's packed sequence
+        (NaN at newlines), as the family packs features."""
         raise NotImplementedError
 
-    def video_scores(self, frame_scores: torch.Tensor, inputs) -> list[torch.Tensor]:
+    def align_video(self, frame_data: torch.Tensor, inputs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-patch data of every frame, per video: aligned to its packed sequence, and per frame as pooled."""
         raise NotImplementedError(f"{self.name} has no native video input")
 
-    def attach_views(self, grouped: list[list[PackedVisual]], inputs) -> None:
-        """Label each token of every anyres image with the view (base, crop 1, ...) and the patch it came from."""
-        images = [v for sample in grouped for v in sample if v.kind == "image"]
-        if not images:
-            return
-        patches, device = self.patch_grid ** 2, images[0].features.device
+    def image_token_ids(self, inputs) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per image: the tile (0 = base view) and patch each packed token comes from, -1 at newlines."""
+        patches, device = self.patch_grid ** 2, inputs["pixel_values"].device
         tiles = self.tiles_per_image(inputs)
-        view_map = torch.cat([torch.arange(n, dtype=torch.float32)[:, None].expand(n, patches) for n in tiles])
+        tile_map = torch.cat([torch.arange(n, dtype=torch.float32)[:, None].expand(n, patches) for n in tiles])
         patch_map = torch.arange(patches, dtype=torch.float32).repeat(sum(tiles), 1)
-        views, patch_ids = self.image_scores(view_map.to(device), inputs), self.image_scores(patch_map.to(device), inputs)
-        for visual, view, patch in zip(images, views, patch_ids):
-            visual.views, visual.patches = view, patch
+        ids = self.align_image(torch.stack([tile_map, patch_map], dim=-1).to(device), inputs)
+        return [tuple(torch.nan_to_num(packed, nan=-1).round().long().unbind(-1)) for packed in ids]
 
-    def attach_scores(self, grouped: list[list[PackedVisual]], captured: list[torch.Tensor], inputs) -> None:
-        """Give each visual its scores; ``captured`` holds one tensor per vision forward (images, then videos)."""
-        visuals = [v for sample in grouped for v in sample]
-        captured = list(captured)
-        for kind, align in (("image", self.image_scores), ("video", self.video_scores)):
-            of_kind = [v for v in visuals if v.kind == kind]
-            if of_kind:
-                tile_scores = captured.pop(0)
-                for visual, scores in zip(of_kind, align(tile_scores, inputs)):
-                    visual.scores = scores
-                if kind == "image":
-                    for visual, tiles in zip(of_kind, tile_scores.split(self.tiles_per_image(inputs))):
-                        visual.tile_scores = tiles
+    def project(self, vision_states: torch.Tensor) -> torch.Tensor:
+        """LLM-input tokens ``[M, D]`` from vision-tower states ``[M, C]`` (the multimodal projector)."""
+        return self.model.model.multi_modal_projector(vision_states)
 
-    def encode(self, inputs, images_per_sample: list[int], videos_per_sample: list[int]) -> list[list[PackedVisual]]:
-        """All visuals of the batch, grouped per sample in placeholder order."""
-        images = [self.pack_image(f) for f in self.image_features(inputs)] if sum(images_per_sample) else []
-        videos = self.video_features(inputs) if sum(videos_per_sample) else []
+    def encode(self, inputs, images_per_sample: list[int], videos_per_sample: list[int], needs=(),
+               stopwatch=None) -> list[list[PackedVisual]]:
+        """All visuals of the batch, grouped per sample in placeholder order, each with the vision-tower data
+        of ``needs`` (computed inside the tower by hooks; their time goes to ``stopwatch``)."""
+        with self.serving(needs, stopwatch) as captured:
+            images = self.image_features(inputs) if sum(images_per_sample) else []
+            videos = self.video_features(inputs) if sum(videos_per_sample) else []
+        images = [self.pack_image(f, *ids) for f, ids in zip(images, self.image_token_ids(inputs) if images else [])]
+        for need, per_forward in captured.items():
+            per_forward = list(per_forward)
+            if images:
+                data = self.patch_data(need, per_forward.pop(0))
+                for visual, aligned, tiles in zip(images, self.align_image(data, inputs),
+                                                  data.split(self.tiles_per_image(inputs))):
+                    visual.vision[need], visual.tile_vision[need] = aligned, tiles
+            if videos:
+                for visual, aligned, frames in zip(videos, *self.align_video(self.patch_data(need, per_forward.pop(0)), inputs)):
+                    visual.vision[need], visual.tile_vision[need] = aligned, frames
         grouped, i, v = [], 0, 0
         for n_img, n_vid in zip(images_per_sample, videos_per_sample):
             grouped.append(images[i:i + n_img] + videos[v:v + n_vid])
             i, v = i + n_img, v + n_vid
         return grouped
+
+    def patch_data(self, need: VisionNeed, data: torch.Tensor) -> torch.Tensor:
+        """``[tiles, patches, ...]``: one tower forward's data of ``need`` without the [CLS] position."""
+        return data[:, 1:] if self.vision_has_cls and need.kind != "cls_attention" else data
+
+    # ---- vision-tower needs ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def serving(self, needs, stopwatch=None):
+        """Hooks on this model's vision encoder layers that compute ``needs`` during the block; yields
+        ``{need: [one tensor per tower forward, [tiles, tokens, ...]]}``."""
+        captured = {need: [] for need in needs}
+        handles = []
+        by_layer: dict[int, list[VisionNeed]] = {}
+        for need in needs:
+            if need.kind not in VISION_NEED_KINDS:
+                raise FamilyError(f"unknown vision need {need.kind!r}; one of {', '.join(VISION_NEED_KINDS)}")
+            by_layer.setdefault(self.vision_feature_layer_index if need.layer is None else need.layer, []).append(need)
+        timing = (lambda device: stopwatch.timing(device)) if stopwatch else (lambda device: contextlib.nullcontext())
+        for index, layer_needs in by_layer.items():
+            layer = self.vision_encoder_layers[index]
+            attention_needs = [n for n in layer_needs if n.kind != "hidden"]
+            if attention_needs:
+                handles.append(layer.self_attn.register_forward_pre_hook(
+                    self._attention_hook(attention_needs, captured, timing), with_kwargs=True))
+            for need in layer_needs:
+                if need.kind == "hidden":
+                    handles.append(layer.register_forward_hook(
+                        lambda module, args, output, need=need: captured[need].append(
+                            output[0] if isinstance(output, tuple) else output)))
+        try:
+            yield captured
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _attention_hook(self, needs: list[VisionNeed], captured: dict, timing):
+        """A pre-hook on a vision attention module computing the rows ``needs`` ask for from its q/k projections."""
+        if any(n.kind == "cls_attention" for n in needs) and not self.vision_has_cls:
+            raise FamilyError(f"{type(self.model.model.vision_tower).__name__} has no [CLS] token to read attention from")
+        all_rows = any(n.kind == "received_attention" for n in needs)
+
+        def hook(module, args, kwargs):
+            hidden_states = args[0] if args else kwargs["hidden_states"]
+            with timing(hidden_states.device):
+                queries = slice(None) if all_rows else slice(0, 1)
+                query, keys, scale = self.vision_query_key(module, hidden_states, queries)
+                probs = None
+                for need in needs:
+                    if need.kind == "keys":
+                        captured[need].append(keys.transpose(1, 2).flatten(2))
+                        continue
+                    if probs is None and any(n.kind != "keys" for n in needs):
+                        probs = torch.softmax((query.float() @ keys.float().transpose(-1, -2)) * scale, dim=-1)
+                    if need.kind == "cls_attention":
+                        captured[need].append(probs[:, :, 0, 1:].mean(dim=1))
+                    else:
+                        captured[need].append(probs.mean(dim=(1, 2)))
+
+        return hook
 
     # ---- vision tower internals --------------------------------------------------------------------
 
@@ -162,18 +232,37 @@ class Family:
         return self.config.text_config._attn_implementation or "eager"
 
     @staticmethod
-    def text_query_key(attention: torch.nn.Module, hidden_states: torch.Tensor, position_embeddings):
-        """``(q [B, H, 1, d], k [B, H, T, d], scale)`` of the last position over all keys of a decoder attention
-        module, rotary embeddings applied and grouped key heads repeated (any attention implementation)."""
-        rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+    def attention_input(layer: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        """What a decoder layer's attention module receives from the layer's input (its input norm)."""
+        return layer.input_layernorm(hidden_states)
+
+    @staticmethod
+    def text_query_key(attention: torch.nn.Module, hidden_states: torch.Tensor, position_embeddings,
+                       queries: slice | torch.Tensor = slice(-1, None), rotary: bool = True):
+        """``(q [B, H, Q, d], k [B, H, T, d], scale)`` of a decoder attention module for the query rows ``queries``
+        (a slice, or per-row positions ``[B, Q]``) over all keys, rotary embeddings applied unless ``rotary=False``
+        and grouped key heads repeated (any attention implementation)."""
+        rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
         batch, length, _ = hidden_states.shape
         head_dim = attention.head_dim
-        query = attention.q_proj(hidden_states[:, -1:]).view(batch, 1, -1, head_dim).transpose(1, 2)
+        if isinstance(queries, slice):
+            rows = torch.arange(length, device=hidden_states.device)[queries].expand(batch, -1)
+        else:
+            rows = queries
+        picked = hidden_states.gather(1, rows[..., None].expand(-1, -1, hidden_states.shape[-1]))
+        query = attention.q_proj(picked).view(batch, rows.shape[1], -1, head_dim).transpose(1, 2)
         key = attention.k_proj(hidden_states).view(batch, length, -1, head_dim).transpose(1, 2)
-        cos, sin = position_embeddings
-        query, _ = rotary(query, query, cos[:, -1:], sin[:, -1:])
-        _, key = rotary(key, key, cos, sin)
+        if rotary:
+            cos, sin = position_embeddings
+            cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
+            take = rows[..., None].expand(-1, -1, cos.shape[-1])
+            query, _ = rotate(query, query, cos.gather(1, take), sin.gather(1, take))
+            _, key = rotate(key, key, cos, sin)
         return query, key.repeat_interleave(query.shape[1] // key.shape[1], dim=1), attention.scaling
+
+    def rotary_embeddings(self, hidden_states: torch.Tensor, position_ids: torch.Tensor):
+        """The LLM's rotary ``(cos, sin)`` at ``position_ids [B, T]``."""
+        return self.model.model.language_model.rotary_emb(hidden_states, position_ids=position_ids)
 
     @staticmethod
     def gather_positions(layer_kwargs: dict, index: torch.Tensor) -> None:

@@ -3,16 +3,27 @@
 import math
 
 import torch
-from transformers import LlavaOnevisionForConditionalGeneration
+from transformers import (
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionProcessor,
+    LlavaOnevisionVideoProcessor,
+)
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+    LlavaOnevisionImageProcessorPil,
+)
 
 from lmms_eval_redundancy.core.visuals import PackedVisual
-from lmms_eval_redundancy.families.llava_next import NEWLINE_SCORE, LlavaNext
+from lmms_eval_redundancy.families.llava_next import LlavaNext
+from lmms_eval_redundancy.families.tiny import CHAT_TEMPLATE, tiny_pinpoints
 
 
 class LlavaOnevision(LlavaNext):
     name = "llava_onevision"
     model_class = LlavaOnevisionForConditionalGeneration
     native_video = True
+    tiny_tower = "siglip"
+    tiny_text_model = "qwen2"
 
     def image_features(self, inputs):
         out = self.model.model.get_image_features(
@@ -36,11 +47,14 @@ class LlavaOnevision(LlavaNext):
             device = features.device
             newline = torch.zeros(features.shape[0], dtype=torch.bool, device=device)
             newline[-1] = True
+            minus_one = torch.full((1,), -1, device=device)
             videos.append(PackedVisual(
                 features=features,
                 kind="video",
                 units=list(torch.arange(frames * per_frame, device=device).view(frames, per_frame)),
                 newline=newline,
+                tiles=torch.cat([torch.arange(frames, device=device).repeat_interleave(per_frame), minus_one]),
+                patches=torch.cat([torch.arange(per_frame, device=device).repeat(frames), minus_one]),
                 grids=[pooled] * frames,
             ))
         return videos
@@ -53,13 +67,37 @@ class LlavaOnevision(LlavaNext):
         single = [int(n) == 1 for n in counts for _ in range(int(n))]
         return [t if alone else 1 for t, alone in zip(tiles, single)]
 
-    def pack_scores(self, per_image, image_sizes):
+    def pack_data(self, per_image, image_sizes, newline):
         return self.model.model.pack_image_features(
-            per_image, image_sizes, image_newline=NEWLINE_SCORE, vision_aspect_ratio=self.config.vision_aspect_ratio
+            per_image, image_sizes, image_newline=newline, vision_aspect_ratio=self.config.vision_aspect_ratio
         )[0]
 
-    def video_scores(self, frame_scores, inputs):
+    def align_video(self, frame_data, inputs):
         frames = inputs["pixel_values_videos"].shape[1]
-        pooled = self.model.model.apply_pooling(frame_scores[..., None])[..., 0]  # [videos * frames, per_frame]
-        newline = NEWLINE_SCORE.to(pooled.device, pooled.dtype)
-        return [torch.cat([video.flatten(), newline]) for video in pooled.split(frames)]
+        channels = frame_data.shape[2:]
+        pooled = self.model.model.apply_pooling(frame_data.reshape(*frame_data.shape[:2], -1))  # [videos * frames, cells, C]
+        newline = torch.full((1, pooled.shape[-1]), float("nan"), dtype=pooled.dtype, device=pooled.device)
+        per_video = pooled.split(frames)
+        aligned = [torch.cat([video.flatten(0, 1), newline]).reshape(-1, *channels) for video in per_video]
+        return aligned, [video.reshape(*video.shape[:2], *channels) for video in per_video]
+
+    @classmethod
+    def tiny_config(cls, tokenizer, image_size: int, patch_size: int, tower: str, vision: dict | None = None,
+                    text: dict | None = None):
+        return LlavaOnevisionConfig(**cls._tiny_parts(tokenizer, image_size, patch_size, tower, vision, text),
+                                    video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+                                    image_grid_pinpoints=tiny_pinpoints(image_size), vision_feature_layer=-1,
+                                    vision_feature_select_strategy="default" if tower == "clip" else "full",
+                                    vision_aspect_ratio="anyres_max_9")
+
+    @classmethod
+    def tiny_processor(cls, tokenizer, image_size: int, patch_size: int, tower: str):
+        square = {"height": image_size, "width": image_size}
+        return LlavaOnevisionProcessor(
+            image_processor=LlavaOnevisionImageProcessorPil(size=square, image_grid_pinpoints=tiny_pinpoints(image_size)),
+            tokenizer=tokenizer,
+            video_processor=LlavaOnevisionVideoProcessor(size=square),
+            num_image_tokens=(image_size // patch_size) ** 2 + (tower == "clip"),
+            vision_feature_select_strategy="default" if tower == "clip" else "full",
+            chat_template=CHAT_TEMPLATE,
+        )

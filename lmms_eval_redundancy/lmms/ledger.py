@@ -57,6 +57,8 @@ def summarize(samples: list[dict]) -> dict:
         "frames": sum(u["kind"] == "frame" for u in units),
         "visual_tokens_before": before,
         "visual_tokens_after": after,
+        # methods inside the LLM: visual tokens averaged over decoder layers (``after`` counts those after the last cut)
+        "visual_tokens_layer_mean": sum(statistics.fmean(u["layers"]) if u.get("layers") else u["after"] for u in units),
         "newline_tokens_before": sum(u["newlines_before"] for u in units),
         "newline_tokens_after": sum(u["newlines_after"] for u in units),
         "achieved_retention": after / before if before else None,

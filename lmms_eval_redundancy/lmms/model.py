@@ -19,14 +19,20 @@ from transformers import LogitsProcessorList
 
 from lmms_eval_redundancy.core.budget import KEEP_ALL, parse_budget
 from lmms_eval_redundancy.core.errors import UserError
-from lmms_eval_redundancy.core.registry import UNPRUNED, MethodError
+from lmms_eval_redundancy.core.registry import (
+    UNPRUNED,
+    MethodError,
+    available_methods,
+    build_method,
+    param_names,
+)
 from lmms_eval_redundancy.core.values import positive_int, strict_bool
 from lmms_eval_redundancy.lmms.ledger import TokenLedger, results_dir_for
-from lmms_eval_redundancy.methods import available_methods, build_method, param_names
 from lmms_eval_redundancy.runtime.efficiency import (
     BatchMeter,
     cache_bytes,
     sample_flops,
+    tokens_per_layer,
 )
 from lmms_eval_redundancy.runtime.engine import PruningEngine
 from lmms_eval_redundancy.runtime.loading import PRETRAINED_FORMS, load, process_layout
@@ -260,11 +266,10 @@ class LlavaRedundancy(lmms):
         shared["pruning_seconds"] = self.engine.method.selection.seconds / size
         if cache is not None:
             shared["kv_cache_bytes"] = cache_bytes(cache) / size
-        first_pruned = self.engine.first_pruned_layer
+        layers = self._model.config.text_config.num_hidden_layers
         for row, ((_, _, _, doc_id, task, split), sample_records) in enumerate(zip(requests_args, records)):
-            dropped_inside = sum(r.before - r.after for r in sample_records) if first_pruned is not None else 0
-            flops = sample_flops(self._model.config, int(batch.attention_mask[row].sum()), dropped_inside,
-                                 first_pruned, batch.vision_tiles[row])
+            llm_tokens = tokens_per_layer(int(batch.attention_mask[row].sum()), sample_records, layers)
+            flops = sample_flops(self._model.config, llm_tokens, batch.vision_tiles[row])
             self.ledger.add(request, task, split, doc_id, sample_records, {**shared, **flops, "batch_size": size})
         self.ledger.flush()
 

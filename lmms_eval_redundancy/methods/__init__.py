@@ -1,17 +1,10 @@
-"""Pruning methods, one module each; importing this package imports and so registers every one of them."""
+"""Pruning methods, one module each; importing this package imports and so registers every one of them.
+
+Look methods up through ``lmms_eval_redundancy.core.registry``, which imports this package on first use.
+"""
 
 import importlib
 import pkgutil
-
-from lmms_eval_redundancy.core.registry import (
-    available_methods,
-    build_method,
-    method_class,
-    param_fields,
-    param_names,
-)
-
-__all__ = ["available_methods", "build_method", "method_class", "param_fields", "param_names"]
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name != "base":

@@ -1,7 +1,7 @@
 """The two kinds of pruning method: choosing tokens before the LLM, and acting inside it.
 
 A method is one module in this package: a subclass of ``BeforeLLM`` or ``InsideLLM`` decorated with
-``@register``, with a ``name``, the budgets it accepts and a ``Params`` dataclass of its typed
+``lmms_eval_redundancy.core.registry.register``, with a ``name``, the budgets it accepts and a ``Params`` dataclass of its typed
 parameters (model_args keys). Model-specific pieces (layers, projections, rotary embeddings) come from
 the ``family`` object handed to ``attach``; hooks go on that model instance and are removed by ``detach``.
 """
@@ -13,31 +13,23 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
+import torch
+
 from lmms_eval_redundancy.core.budget import Budget
 from lmms_eval_redundancy.core.files import content_id
-from lmms_eval_redundancy.core.registry import PATHS_KEY, MethodError, Stage, register
+from lmms_eval_redundancy.core.registry import (
+    PATHS_KEY,
+    MethodError,
+    NoParams,
+    Stage,
+    is_file_param,
+)
 from lmms_eval_redundancy.core.timing import Stopwatch
-from lmms_eval_redundancy.core.visuals import Selection, VisualUnit
+from lmms_eval_redundancy.core.visuals import Selection, VisionNeed, VisualUnit
 
-__all__ = ["BeforeLLM", "InsideLLM", "MethodError", "NoParams", "PruningMethod", "Selection", "VisualUnit", "choice_param",
-           "file_param", "register"]
+__all__ = ["BeforeLLM", "Cut", "InsideLLM", "MultiStageLLM", "PruningMethod", "Selection", "VisionNeed", "VisualUnit"]
 
-
-def file_param():
-    """A ``Params`` field holding a file path: settings record the file by content (``content_id``), not by path."""
-    return field(default="", metadata={"file": True})
-
-
-def choice_param(default: str, choices: tuple[str, ...], official: str | None = None):
-    """A ``Params`` field taking one of ``choices``; ``official`` is the value ``faithful=true`` selects
-    (the behaviour of the method's official code, where the project's default differs)."""
-    metadata = {"choices": choices, **({"official": official} if official is not None else {})}
-    return field(default=default, metadata=metadata)
-
-
-@dataclass
-class NoParams:
-    """Parameters of a method that takes none besides its budget."""
+SUPPORTED_ATTENTION = ("sdpa", "eager")  # implementations whose mask argument the multi-stage hooks can set
 
 
 @dataclass
@@ -75,7 +67,7 @@ class PruningMethod:
         File parameters appear as ``content_id`` (file stem and content hash); their paths go under ``paths``.
         """
         values = dataclasses.asdict(self.params)
-        paths = {f.name: values[f.name] for f in dataclasses.fields(self.params) if f.metadata.get("file") and values[f.name]}
+        paths = {f.name: values[f.name] for f in dataclasses.fields(self.params) if is_file_param(f) and values[f.name]}
         values.update({name: content_id(path) for name, path in paths.items()})
         return {"method": self.name, "stage": self.stage.value, "budget": self.budget.describe(), **values,
                 **({PATHS_KEY: paths} if paths else {})}
@@ -87,9 +79,10 @@ class BeforeLLM(PruningMethod):
 
     stage: typing.ClassVar[Stage] = Stage.BEFORE_LLM
 
-    def observing_vision(self):
-        """Context around the vision tower's forward; yields a list of per-forward scores, or ``None``."""
-        return contextlib.nullcontext(None)
+    def vision_needs(self) -> tuple[VisionNeed, ...]:
+        """What the method reads from inside the vision tower (after ``attach``); the family serves it to
+        each unit as ``unit.vision`` and ``unit.tile_vision``."""
+        return ()
 
     def select_unit(self, unit: VisualUnit) -> Selection:
         raise NotImplementedError
@@ -105,11 +98,259 @@ class InsideLLM(PruningMethod):
 
     stage: typing.ClassVar[Stage] = Stage.INSIDE_LLM
 
-    @property
-    def first_pruned_layer(self) -> int:
-        """The first decoder layer that sees fewer tokens."""
-        raise NotImplementedError
-
     def around_llm(self, batch, records, log_keep: bool = False):
         """Context for one generate/forward call over ``batch``; fills ``records`` with what was kept."""
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Cut:
+    """One pruning stage inside the LLM: from decoder layer ``layer`` on, each sample keeps ``keep(n)`` of its
+    ``n`` visual tokens still present, ranked by the method's ``score`` on the input of ``score_layer``
+    (``<= layer``; by default ``layer - 1``, the last layer that sees them all)."""
+
+    layer: int
+    keep: typing.Callable[[int], int]
+    score_layer: int | None = None
+
+    @property
+    def scored_at(self) -> int:
+        return self.layer - 1 if self.score_layer is None else self.score_layer
+
+
+@dataclass
+class StageState:
+    """The sequence one group of decoder layers sees during one LLM call (prefill and its decode steps)."""
+
+    index: torch.Tensor  # long [B, T_s]: original positions, sorted per row
+    valid: torch.Tensor  # bool [B, T_s]: a real token (not padding, not a filler standing in for a dropped one)
+    local: torch.Tensor | None = None  # long [B, T_s]: where the rows come from in the previous stage's sequence
+
+
+def last_token_attention(query: torch.Tensor, keys: torch.Tensor, scale: float, valid: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` head-mean attention probabilities of the last position (``query [B, H, 1, d]``) over ``keys
+    [B, H, T, d]``, padding (``valid`` False) excluded."""
+    logits = (query.float() @ keys.float().transpose(-1, -2)).squeeze(2) * scale  # [B, H, T]
+    logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
+def keep_positions(scores: torch.Tensor, prunable: torch.Tensor, keep_counts: list[int]) -> list[torch.Tensor]:
+    """Per row: every non-prunable position plus the ``k`` top-scoring prunable ones (ties to lower index)."""
+    kept = []
+    for row_scores, row_prunable, k in zip(scores, prunable, keep_counts):
+        candidates = torch.nonzero(row_prunable).flatten()
+        order = torch.sort(row_scores[candidates], descending=True, stable=True).indices[:k]
+        keep = ~row_prunable
+        keep[candidates[order]] = True
+        kept.append(torch.nonzero(keep).flatten())
+    return kept
+
+
+def rectangular(kept: list[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad each row's kept positions with its lowest dropped positions to a common width.
+
+    Returns ``gather [B, T']`` (sorted per row) and ``kept_mask [B, T']`` (False at fillers).
+    """
+    width = max(k.numel() for k in kept)
+    gathers, masks = [], []
+    for keep in kept:
+        is_kept = torch.zeros(length, dtype=torch.bool, device=keep.device)
+        is_kept[keep] = True
+        fillers = torch.nonzero(~is_kept).flatten()[: width - keep.numel()]
+        positions = torch.cat([keep, fillers]).sort().values
+        gathers.append(positions)
+        masks.append(is_kept[positions])
+    return torch.stack(gathers), torch.stack(masks)
+
+
+@dataclass
+class MultiStageLLM(InsideLLM):
+    """Drops visual tokens inside the LLM at the stages ``cuts()`` lists, chosen once at prefill.
+
+    A pre-hook on each scoring layer ranks the visual tokens still present (``score``, from the query/key rows
+    the family computes under any attention implementation); pre-hooks on the later layers gather hidden
+    states, positions and a key mask for the kept tokens. Each layer's KV cache holds what that layer saw,
+    so decoding stays consistent. ``renumber_positions``: False keeps the original RoPE positions (gaps
+    allowed); True numbers each stage's tokens contiguously and lowers decoded positions to match.
+    Rows of a batch keep different numbers of tokens; shorter rows are filled with dropped positions that
+    are masked out as keys, so every layer sees one rectangular batch.
+    """
+
+    renumber_positions: typing.ClassVar[bool] = False
+
+    def cuts(self) -> list[Cut]:
+        """The stages, by increasing ``layer`` (available after ``attach``)."""
+        raise NotImplementedError
+
+    def score(self, stage: int, attention: torch.nn.Module, hidden_states: torch.Tensor, position_embeddings,
+              valid: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` ranking of the current positions for stage ``stage`` (higher is kept first), from the input
+        ``hidden_states`` of the scoring layer's ``attention`` module. Default: the last token's head-mean
+        attention there."""
+        query, keys, scale = self.family.text_query_key(attention, hidden_states, position_embeddings)
+        return last_token_attention(query, keys, scale, valid)
+
+    def validate(self) -> None:
+        self.state: dict | None = None
+
+    def attach(self, model, family) -> None:
+        implementation = family.text_attention_implementation
+        if implementation not in SUPPORTED_ATTENTION:
+            raise MethodError(f"{self.name} runs with attn_implementation {' or '.join(SUPPORTED_ATTENTION)}, "
+                              f"not {implementation!r}")
+        self.family = family
+        self.float_mask = implementation == "eager"
+        self.layer_count = len(family.decoder_layers)
+        self.bind(model, family)
+        cuts = self.cuts()
+        for cut in cuts:
+            if not 0 <= cut.scored_at <= cut.layer < self.layer_count:
+                raise MethodError(f"{self.name}: a cut at layer {cut.layer} scored at layer {cut.scored_at} must lie "
+                                  f"within the LLM's {self.layer_count} layers")
+        if [c.layer for c in cuts] != sorted({c.layer for c in cuts}):
+            raise MethodError(f"{self.name}: cut layers must increase")
+        layers = family.decoder_layers
+        for stage, cut in enumerate(cuts):
+            if cut.scored_at < cut.layer:
+                self.hook(layers[cut.scored_at].self_attn.register_forward_pre_hook(self._score_hook(stage), with_kwargs=True))
+        for index in range(cuts[0].layer, self.layer_count):
+            self.hook(layers[index].register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
+
+    def bind(self, model, family) -> None:
+        """Check the method's parameters against the model before its cuts are read (override as needed)."""
+
+    @contextlib.contextmanager
+    def around_llm(self, batch, records, log_keep: bool = False):
+        """Arm the hooks for one generate/forward call over ``batch`` and fill ``records`` after prefill."""
+        valid = batch.attention_mask.bool()
+        first = StageState(torch.arange(valid.shape[1], device=valid.device).expand_as(valid), valid)
+        self.state = {"prunable": batch.prunable_mask, "unit_ids": batch.unit_ids, "length": valid.shape[1],
+                      "stages": [first]}
+        try:
+            yield
+            self._record(records, log_keep)
+        finally:
+            self.state = None
+
+    def stage_of(self, layer_index: int) -> int:
+        """How many cuts a decoder layer's input has been through."""
+        return sum(cut.layer <= layer_index for cut in self.cuts())
+
+    def _score_hook(self, stage: int):
+        """A pre-hook on the scoring layer's attention module: rank the tokens once, at prefill."""
+
+        def hook(module, args, kwargs):
+            state = self.state
+            hidden_states = args[0] if args else kwargs["hidden_states"]
+            if state is None or len(state["stages"]) != stage + 1 or hidden_states.shape[1] != state["stages"][-1].index.shape[1]:
+                return None
+            with self.selection.timing(hidden_states.device):
+                self._choose(stage, module, hidden_states, kwargs["position_embeddings"], state)
+            return None
+
+        return hook
+
+    def _layer_hook(self, layer_index: int):
+        """A pre-hook on a decoder layer after the first cut: rank (for a cut scored on this layer's own input),
+        gather the kept tokens where a cut starts, and give the layer its stage's positions and key mask."""
+        cuts = self.cuts()
+        scoring = [i for i, cut in enumerate(cuts) if cut.scored_at == cut.layer == layer_index]
+        starting = [i for i, cut in enumerate(cuts) if cut.layer == layer_index]
+
+        def hook(module, args, kwargs):
+            state = self.state
+            if state is None:
+                return None
+            hidden_states = args[0] if args else kwargs.pop("hidden_states")
+            prefill = self.family.layer_positions(kwargs) == state["length"]
+            if prefill:
+                for stage in scoring:
+                    current = state["stages"][-1]
+                    moved = dict(kwargs)
+                    if len(state["stages"]) > 1:
+                        self._positions(moved, hidden_states, current, state, prefill=True)
+                    with self.selection.timing(hidden_states.device):
+                        self._choose(stage, module.self_attn, self.family.attention_input(module, hidden_states),
+                                     moved["position_embeddings"], state)
+                if starting and state["stages"][starting[0] + 1].local is not None:
+                    local = state["stages"][starting[0] + 1].local
+                    hidden_states = hidden_states.gather(1, local[..., None].expand(-1, -1, hidden_states.shape[-1]))
+            stage = state["stages"][self.stage_of(layer_index)]
+            if stage.local is None and stage.index is state["stages"][0].index:
+                return (hidden_states,), kwargs  # nothing dropped so far: the layer runs as it is
+            self._positions(kwargs, hidden_states, stage, state, prefill)
+            kwargs["attention_mask"] = self._mask(hidden_states, kwargs.get("past_key_values"), layer_index, stage.valid)
+            return (hidden_states,), kwargs
+
+        return hook
+
+    def _choose(self, stage: int, attention, hidden_states, position_embeddings, state) -> None:
+        """Rank the current positions and set up the next stage's sequence."""
+        current = state["stages"][-1]
+        scores = self.score(stage, attention, hidden_states, position_embeddings, current.valid)
+        prunable = state["prunable"].gather(1, current.index)
+        present = prunable & current.valid
+        counts = [self.cuts()[stage].keep(int(n)) for n in present.sum(dim=1)]
+        kept = keep_positions(scores, present, counts)
+        kept = [k[current.valid[row, k] | ~prunable[row, k]] for row, k in enumerate(kept)]  # fillers go again
+        if all(k.numel() == current.index.shape[1] for k in kept):
+            state["stages"].append(StageState(current.index, current.valid))  # nothing to drop
+            return
+        local, is_kept = rectangular(kept, current.index.shape[1])
+        state["stages"].append(StageState(current.index.gather(1, local), is_kept & current.valid.gather(1, local), local))
+
+    def _positions(self, kwargs, hidden_states, stage: StageState, state, prefill: bool) -> None:
+        """Move a layer's rotary embeddings and position ids to a stage's tokens: their original positions, or
+        (``renumber_positions``) those positions lowered by the tokens dropped before them."""
+        if not self.renumber_positions:
+            if prefill:
+                self.family.gather_positions(kwargs, stage.index)
+            return
+        first = state["stages"][0]
+        given = kwargs.get("position_ids")
+        if prefill:
+            full = given if given is not None else torch.arange(state["length"], device=stage.index.device)[None]
+            kept = torch.zeros_like(first.valid).scatter_(1, stage.index, stage.valid)
+            dropped_before = (first.valid & ~kept).long().cumsum(dim=1)
+            position_ids = (full.expand_as(dropped_before) - dropped_before).gather(1, stage.index)
+        else:
+            dropped = first.valid.sum(dim=1) - stage.valid.sum(dim=1)
+            position_ids = given.expand(dropped.shape[0], -1) - dropped[:, None]
+        kwargs["position_embeddings"] = self.family.rotary_embeddings(hidden_states, position_ids)
+        if given is not None:
+            kwargs["position_ids"] = position_ids
+
+    def _mask(self, hidden_states, cache, layer_idx: int, kept_valid: torch.Tensor) -> torch.Tensor:
+        """Causal mask over a stage's kept keys (fillers and padding excluded) for one layer."""
+        queries = hidden_states.shape[1]
+        past = cache.get_seq_length(layer_idx) if cache is not None else 0
+        total = past + queries
+        valid = torch.cat([kept_valid, kept_valid.new_ones(kept_valid.shape[0], total - kept_valid.shape[1])], dim=1)
+        key_index = torch.arange(total, device=hidden_states.device)
+        query_index = torch.arange(past, total, device=hidden_states.device)
+        allowed = (key_index[None, :] <= query_index[:, None])[None] & valid[:, None, :]
+        allowed = allowed[:, None]  # [B, 1, Q, K]
+        if not self.float_mask:
+            return allowed
+        blocked = torch.finfo(hidden_states.dtype).min
+        return torch.zeros(allowed.shape, dtype=hidden_states.dtype, device=allowed.device).masked_fill(~allowed, blocked)
+
+    def _record(self, records, log_keep: bool) -> None:
+        """Per image/frame: visual tokens at every layer, kept after the last cut (and, with ``log_keep``, which)."""
+        state = self.state
+        stages, length = state["stages"], state["length"]
+        kept_per_stage = []
+        for stage in stages:
+            kept = torch.zeros(stage.index.shape[0], length, dtype=torch.bool, device=stage.index.device)
+            kept.scatter_(1, stage.index, stage.valid)
+            kept_per_stage.append(kept | ~stages[0].valid)
+        layer_stage = [min(self.stage_of(layer), len(stages) - 1) for layer in range(self.layer_count)]
+        for row, row_records in enumerate(records):
+            for index, record in enumerate(row_records):
+                in_unit = state["unit_ids"][row] == index
+                counts = [int(kept[row][in_unit].sum()) for kept in kept_per_stage]
+                record.layers = [counts[stage] for stage in layer_stage]
+                record.after = counts[-1]
+                if log_keep:
+                    record.keep = torch.nonzero(kept_per_stage[-1][row][in_unit]).flatten().tolist()

@@ -20,15 +20,13 @@ import torch
 
 from lmms_eval_redundancy.codebook.store import load_codebook
 from lmms_eval_redundancy.core.budget import Budget
-from lmms_eval_redundancy.methods.base import (
-    BeforeLLM,
+from lmms_eval_redundancy.core.registry import (
     MethodError,
-    Selection,
-    VisualUnit,
     choice_param,
     file_param,
     register,
 )
+from lmms_eval_redundancy.methods.base import BeforeLLM, Selection, VisualUnit
 
 VARIANTS = ("threshold", "ratio", "double_softmax")
 
@@ -78,22 +76,6 @@ def keep_strictly_below_cut(scores: torch.Tensor, k: int) -> tuple[torch.Tensor,
     if drop <= 0:
         return torch.arange(scores.numel(), device=scores.device), False
     return keep_below(scores, float(scores.topk(drop).values[-1]))
-
-
-def select(features, prototypes, *, threshold=None, retention=None, tokens=None, variant="threshold") -> torch.Tensor:
-    """Sorted keep indices for ``features [N, D]`` given ``prototypes [P, D]``."""
-    scores = redundancy_scores(features, prototypes)
-    if variant == "threshold":
-        if threshold is None:
-            raise ValueError("variant='threshold' needs threshold=")
-        return keep_below(scores, threshold)[0]
-    budget = Budget("retention", retention) if retention is not None else Budget("tokens", tokens)
-    if variant == "ratio":
-        return keep_lowest(scores, budget.keep_count(scores.numel()))
-    if variant == "double_softmax":
-        scores = double_softmax_scores(features, prototypes)
-        return keep_lowest(scores, double_softmax_keep_count(scores.numel(), budget))
-    raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
 
 
 @register

@@ -13,24 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-from lmms_eval_redundancy.methods.base import (
-    BeforeLLM,
-    Selection,
-    VisualUnit,
-    choice_param,
-    register,
-)
-
-
-def select(features: torch.Tensor, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Sorted indices of ``k`` mutually distant rows of ``features [N, D]`` (ties to the lower index);
-    distances computed in ``dtype``."""
-    return select_batch([features], [k], dtype)[0]
+from lmms_eval_redundancy.core.registry import choice_param, register
+from lmms_eval_redundancy.methods.base import BeforeLLM, Selection, VisualUnit
 
 
 def select_batch(features: list[torch.Tensor], ks: list[int], dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
-    """``select`` for several units ``[N_u, D]`` at once, each unit's picks exactly as alone: its distances
-    come from its own product, and one greedy loop runs over all units together (padded to the longest)."""
+    """Sorted indices of ``k_u`` mutually distant rows of each unit ``[N_u, D]`` (ties to the lower index;
+    distances in ``dtype``), each unit's picks exactly as alone: its distances come from its own product,
+    and one greedy loop runs over all units together (padded to the longest)."""
     count, longest = len(features), max(f.shape[0] for f in features)
     device = features[0].device
     distance = torch.full((count, longest, longest), float("inf"), dtype=dtype, device=device)

@@ -2,8 +2,8 @@
 
 import torch
 
-from lmms_eval_redundancy.core.registry import UNPRUNED
-from lmms_eval_redundancy.methods.base import BeforeLLM, Selection, VisualUnit, register
+from lmms_eval_redundancy.core.registry import UNPRUNED, register
+from lmms_eval_redundancy.methods.base import BeforeLLM, Selection, VisualUnit
 
 
 def select(features: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""``pooling``: 2-D average pooling of each image's (or frame's) token grid to about the budget."""
+"""``pooling``: 2-D average pooling of each image's (or frame's) token grid to about the budget (merged tokens)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,8 @@ import math
 
 import torch
 
-from lmms_eval_redundancy.methods.base import (
-    BeforeLLM,
-    MethodError,
-    Selection,
-    VisualUnit,
-    register,
-)
+from lmms_eval_redundancy.core.registry import MethodError, register
+from lmms_eval_redundancy.methods.base import BeforeLLM, Selection, VisualUnit
 
 
 def pooled_shape(rows: int, cols: int, k: int) -> tuple[int, int]:
@@ -42,4 +37,5 @@ class Pooling(BeforeLLM):
                 "use anyres=base_only with LLaVA-NeXT/OneVision single images, or another method"
             )
         pooled = pool(unit.features, unit.grid, self.budget.keep_count(unit.features.shape[0]))
-        return Selection(torch.arange(pooled.shape[0], device=pooled.device), features=pooled)
+        slots = torch.arange(pooled.shape[0], device=pooled.device)  # pooled token j takes the place of token j
+        return Selection(slots[:0], merged=pooled, merged_after=slots)

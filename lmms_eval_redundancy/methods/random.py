@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lmms_eval_redundancy.methods.base import BeforeLLM, Selection, VisualUnit, register
+from lmms_eval_redundancy.core.registry import register
+from lmms_eval_redundancy.methods.base import BeforeLLM, Selection, VisualUnit
 
 
 def select(n: int, k: int, generator: torch.Generator) -> torch.Tensor:

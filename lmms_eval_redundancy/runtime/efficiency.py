@@ -62,11 +62,15 @@ def cache_bytes(cache) -> int:
                for layer in cache.layers if getattr(layer, "keys", None) is not None)
 
 
-def sample_flops(config, valid_tokens: int, dropped_inside: int, inside_from_layer: int | None, tiles: int) -> dict:
-    """Analytic prefill FLOPs of one sample: LLM over its tokens (fewer from ``inside_from_layer`` on when
-    a method drops ``dropped_inside`` tokens inside the LLM) and the vision tower over its ``tiles`` views."""
-    layers = config.text_config.num_hidden_layers
-    start = layers if inside_from_layer is None else inside_from_layer
-    per_layer = [valid_tokens] * start + [valid_tokens - dropped_inside] * (layers - start)
-    return {"llm_prefill_flops": llm_prefill_flops(config.text_config, per_layer),
+def tokens_per_layer(valid_tokens: int, records: list, layers: int) -> list[int]:
+    """Tokens each decoder layer processes for one sample: all of them, less the visual tokens a method
+    inside the LLM has dropped before that layer (its records count visual tokens per layer)."""
+    return [valid_tokens - sum(r.before - r.layers[layer] for r in records if r.layers is not None)
+            for layer in range(layers)]
+
+
+def sample_flops(config, llm_tokens: list[int], tiles: int) -> dict:
+    """Analytic prefill FLOPs of one sample: the LLM with ``llm_tokens[i]`` tokens at layer ``i`` and the
+    vision tower over its ``tiles`` views."""
+    return {"llm_prefill_flops": llm_prefill_flops(config.text_config, llm_tokens),
             "vision_flops": vision_flops(config.vision_config, tiles, config.vision_config.num_hidden_layers)}

@@ -1,4 +1,4 @@
-"""The pruning engine: from processor outputs to pruned LLM inputs (encode, select per image/frame, splice).
+"""The pruning engine: the one pipeline from processor outputs to pruned LLM inputs (encode, score, select, splice).
 
 Public API, usable without lmms-eval::
 
@@ -14,6 +14,7 @@ Public API, usable without lmms-eval::
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
@@ -25,7 +26,33 @@ from lmms_eval_redundancy.core.units import (
     prune_batch,
     unit_map,
 )
-from lmms_eval_redundancy.core.visuals import UnitRecord
+from lmms_eval_redundancy.core.visuals import PackedVisual, UnitRecord
+
+
+@dataclass
+class Pruned:
+    """What the pipeline made of one batch: LLM inputs, token records, the encoded visuals, and (aligned with
+    each sample's records) every unit's positions in its visual."""
+
+    batch: SplicedBatch
+    records: list[list[UnitRecord]]
+    visuals: list[list[PackedVisual]]
+    unit_positions: list[list[torch.Tensor]]
+
+    def kept_positions(self, sample: int, visual: int) -> torch.Tensor:
+        """bool ``[L]``: the tokens of a visual the LLM keeps (after the LLM call for methods inside it),
+        newline tokens included when kept; a unit that merged tokens counts as kept whole. Needs kept
+        indices in the records (``log_keep_indices``)."""
+        packed = self.visuals[sample][visual]
+        kept = torch.zeros(packed.length, dtype=torch.bool, device=packed.features.device)
+        for record, positions in zip(self.records[sample], self.unit_positions[sample]):
+            if record.visual == visual:
+                if record.keep is None and not record.merged:
+                    raise ValueError("the records carry no kept indices: build the engine with log_keep_indices=True")
+                kept[positions if record.merged else positions[record.keep]] = True
+                if record.unit == 0 and record.newlines_after:
+                    kept |= packed.newline
+        return kept
 
 
 class PruningEngine:
@@ -49,11 +76,6 @@ class PruningEngine:
     def settings(self) -> dict:
         return {**self.method.settings(), "anyres": self.anyres, "family": self.family.name}
 
-    @property
-    def first_pruned_layer(self) -> int | None:
-        """The first decoder layer with fewer tokens when the method acts inside the LLM, else ``None``."""
-        return self.method.first_pruned_layer if self.method.stage is Stage.INSIDE_LLM else None
-
     def processor_inputs(self, prompts: list[str], images: list[list], videos: list):
         """Processor outputs for a batch on the model's device, pixels in the model's dtype.
 
@@ -67,46 +89,45 @@ class PruningEngine:
         return inputs
 
     def prune(self, inputs, images_per_sample: list[int], videos_per_sample: list[int], keys: list[str],
-              frames_as_images: list[int] | None = None, grad: bool = False) -> tuple[SplicedBatch, list[list[UnitRecord]]]:
-        """Pruned, re-padded LLM inputs for a processed batch, and the token records of each sample.
+              frames_as_images: list[int] | None = None) -> tuple[SplicedBatch, list[list[UnitRecord]]]:
+        """Pruned, re-padded LLM inputs for a processed batch and the token records of each sample: the
+        ``pipeline`` without gradients."""
+        pruned = self.pipeline(inputs, images_per_sample, videos_per_sample, keys, frames_as_images)
+        return pruned.batch, pruned.records
+
+    def pipeline(self, inputs, images_per_sample: list[int], videos_per_sample: list[int], keys: list[str],
+                 frames_as_images: list[int] | None = None, grad: bool = False) -> Pruned:
+        """Encode, score, select, splice: the one path from processor outputs to LLM inputs.
 
         ``keys`` name the samples (random choices are seeded by them); ``frames_as_images[b]`` counts the
         trailing images of sample ``b`` that are video frames (families without video input): they are
-        recorded as frames. ``grad=True`` keeps the autograd graph (training through pruning); by default
-        none is built.
+        recorded as frames. ``grad=True`` keeps the autograd graph (training through pruning).
         """
         with torch.set_grad_enabled(grad):
-            return self._pruned_batch(inputs, images_per_sample, videos_per_sample, keys, frames_as_images)
-
-    def _pruned_batch(self, inputs, images_per_sample: list[int], videos_per_sample: list[int], keys: list[str],
-                      frames_as_images: list[int] | None) -> tuple[SplicedBatch, list[list[UnitRecord]]]:
-        self.method.selection.reset()
-        before_llm = self.method.stage is Stage.BEFORE_LLM
-        with (self.method.observing_vision() if before_llm else contextlib.nullcontext()) as captured:
-            visuals = self.family.encode(inputs, images_per_sample, videos_per_sample)
-        if captured is not None:
-            self.family.attach_scores(visuals, captured, inputs)
-        if self.anyres == "per_view":
-            self.family.attach_views(visuals, inputs)
-        if before_llm:
-            with self.method.selection.timing(self.model.device):
-                pruned = prune_batch(visuals, self.method, keys, self.anyres, self.log_keep_indices)
-        else:
-            pruned = [([v.features for v in sample], keep_all_records(sample)) for sample in visuals]
-        kept = [features for features, _ in pruned]
-        records = [sample_records for _, sample_records in pruned]
-        for sample_records, n_images, n_frames in zip(records, images_per_sample, frames_as_images or []):
-            for record in sample_records:
-                if record.visual >= n_images - n_frames:
-                    record.kind, record.unit, record.visual = "frame", record.visual - (n_images - n_frames), n_images - n_frames
-        lengths = [[v.length for v in sample_visuals] for sample_visuals in visuals]
-        batch = splice(inputs["input_ids"], inputs["attention_mask"], lengths, kept, self.family.placeholder_ids,
-                       self.pad_id, self.model.get_input_embeddings())
+            self.method.selection.reset()
+            before_llm = self.method.stage is Stage.BEFORE_LLM
+            needs = self.method.vision_needs() if before_llm else ()
+            visuals = self.family.encode(inputs, images_per_sample, videos_per_sample, needs, self.method.selection)
+            if before_llm:
+                with self.method.selection.timing(self.model.device):
+                    pruned = prune_batch(visuals, self.method, keys, self.anyres, self.log_keep_indices, self.family.project)
+            else:
+                pruned = [([v.features for v in sample], keep_all_records(sample), [u for v in sample for u in v.units])
+                          for sample in visuals]
+            kept = [features for features, _, _ in pruned]
+            records = [sample_records for _, sample_records, _ in pruned]
+            for sample_records, n_images, n_frames in zip(records, images_per_sample, frames_as_images or []):
+                for record in sample_records:
+                    if record.visual >= n_images - n_frames:
+                        record.kind, record.unit, record.visual = "frame", record.visual - (n_images - n_frames), n_images - n_frames
+            lengths = [[v.length for v in sample_visuals] for sample_visuals in visuals]
+            batch = splice(inputs["input_ids"], inputs["attention_mask"], lengths, kept, self.family.placeholder_ids,
+                           self.pad_id, self.model.get_input_embeddings())
         if not before_llm:
             batch.unit_ids = unit_map(batch.visual_mask, visuals)
             batch.prunable_mask = batch.unit_ids >= 0
         batch.vision_tiles = self._tiles_per_sample(inputs, images_per_sample, videos_per_sample)
-        return batch, records
+        return Pruned(batch, records, visuals, [positions for _, _, positions in pruned])
 
     def _tiles_per_sample(self, inputs, images_per_sample: list[int], videos_per_sample: list[int]) -> list[int]:
         """Views through the vision tower per sample: anyres tiles of its images plus its video frames."""

@@ -20,16 +20,21 @@ from tabulate import tabulate
 
 from lmms_eval_redundancy.codebook.store import Codebook, save_codebook
 from lmms_eval_redundancy.core.budget import KEEP_ALL, Budget
-from lmms_eval_redundancy.core.registry import UNPRUNED
-from lmms_eval_redundancy.methods import available_methods, build_method, param_fields
-from lmms_eval_redundancy.runtime.engine import PruningEngine
-from lmms_eval_redundancy.runtime.loading import load
-from lmms_eval_redundancy.runtime.prompts import chat_prompt, chat_template_of
-from lmms_eval_redundancy.testing.tiny import (
+from lmms_eval_redundancy.core.registry import (
+    UNPRUNED,
+    available_methods,
+    build_method,
+    file_params,
+)
+from lmms_eval_redundancy.families.tiny import (
     CHAT_TEMPLATE,
     build_tokenizer,
     real_geometry_config,
 )
+from lmms_eval_redundancy.lmms.requests import simple_requests
+from lmms_eval_redundancy.runtime.engine import PruningEngine
+from lmms_eval_redundancy.runtime.loading import load
+from lmms_eval_redundancy.runtime.prompts import chat_prompt, chat_template_of
 
 VISUAL_TOKENS = 576
 
@@ -54,7 +59,7 @@ def save_geometry_checkpoint(folder: Path, text_layers: int, vision_layers: int,
 
 def example_params(method: str, scratch: Path, hidden_size: int) -> dict:
     """Values for a method's file parameters: a random codebook of the model's width for each."""
-    files = [f.name for f in param_fields(method) if f.metadata.get("file")]
+    files = file_params(method)
     if not files:
         return {}
     path = save_codebook(Codebook(torch.randn(454, hidden_size), {"model": "random"}), scratch / "random.safetensors")
@@ -89,8 +94,7 @@ def speed(methods: list[str] | None = None, tokens: int = 64, samples: int = 3, 
     from lmms_eval_redundancy.lmms.model import LlavaRedundancy
 
     text_layers, vision_layers, dtype = default_depths(text_layers, vision_layers)
-    docs = dict(enumerate({"image": image} for image in random_images(samples + 1)))
-    request = lambda i: type("Request", (), {"args": ("Describe the image.", {"max_new_tokens": 1}, lambda d: [d["image"]], i, "bench", "test")})()  # noqa: E731
+    docs = [{"question": "Describe the image.", "visuals": [image]} for image in random_images(samples + 1)]
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         scratch = Path(folder)
@@ -99,9 +103,9 @@ def speed(methods: list[str] | None = None, tokens: int = 64, samples: int = 3, 
             budget = {} if name == UNPRUNED else {"tokens": tokens}
             wrapper = LlavaRedundancy(pretrained=str(checkpoint), method=name, dtype=str(dtype).removeprefix("torch."),
                                       **budget, **example_params(name, scratch, 4096))
-            wrapper.task_dict = {"bench": {"test": docs}}
-            wrapper.generate_until([request(0)])  # warm-up
-            wrapper.generate_until([request(i) for i in range(1, samples + 1)])
+            requests = simple_requests(wrapper, docs, task="bench", gen_kwargs={"max_new_tokens": 1})
+            wrapper.generate_until(requests[:1])  # warm-up
+            wrapper.generate_until(requests[1:])
             measured = [s["efficiency"] for s in wrapper.ledger.samples[1:]]
             kept = [sum(u["after"] for u in s["units"]) for s in wrapper.ledger.samples[1:]]
             rows.append({"method": name, "visual tokens": statistics.fmean(kept),

@@ -17,8 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from lmms_eval_redundancy.core.errors import UserError
-from lmms_eval_redundancy.core.registry import UNPRUNED
-from lmms_eval_redundancy.methods import available_methods
+from lmms_eval_redundancy.core.registry import UNPRUNED, available_methods
 
 DATA = resources.files("lmms_eval_redundancy") / "published"
 PUBLISHED = Path(str(DATA / "llava_published.csv"))

@@ -18,20 +18,23 @@ from transformers.models.llava_next.modeling_llava_next import (
     get_anyres_image_grid_shape,
 )
 
-from lmms_eval_redundancy.core.budget import parse_budget
+from lmms_eval_redundancy.core.budget import BUDGET_KEYS, KEEP_ALL, parse_budget
 from lmms_eval_redundancy.core.errors import UserError
 from lmms_eval_redundancy.core.files import write_atomically
-from lmms_eval_redundancy.core.units import policy_units
+from lmms_eval_redundancy.core.registry import build_method, method_class
+from lmms_eval_redundancy.core.visuals import PackedVisual
+from lmms_eval_redundancy.runtime.engine import PruningEngine
+from lmms_eval_redundancy.runtime.loading import load
+from lmms_eval_redundancy.runtime.prompts import chat_prompt, chat_template_of
 
 DIM = 0.2  # brightness of dropped patches
+SAMPLE_KEY = "show/image/0"  # seeds random choices
 
 
 def parse_spec(spec: str) -> tuple[str, dict]:
     """``"codebook,codebook=cb.safetensors,threshold=0.45"`` -> ``("codebook", {...})``; ``UserError`` when the
     method is unknown, an option is not ``key=value`` or the budget is invalid (checked before any model loads)."""
     from lmms_eval.utils import simple_parse_args_string
-
-    from lmms_eval_redundancy.methods import method_class
 
     method, _, options = spec.partition(",")
     try:
@@ -82,40 +85,25 @@ def tile_images(processor, pixel_values: torch.Tensor) -> list[np.ndarray]:
     return [((t * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy() for t in tiles]
 
 
-def token_origins(family, inputs, visual) -> torch.Tensor:
-    """``[L, 2]`` (tile, patch) each packed token came from; -1 at newlines."""
-    family.attach_views([[visual]], inputs)
-    origin = torch.stack([visual.views, visual.patches], dim=1).cpu()
-    return torch.where(torch.isnan(origin), -1, origin.round()).long()
-
-
-def kept_positions(wrapper, image: Image.Image) -> tuple[object, object, torch.Tensor, dict]:
-    """Run ``wrapper`` on one image; return processor inputs, the packed visual, kept mask and settings."""
-    wrapper.task_dict = {"show": {"image": {0: {"image": image}}}}
-    args = ("Describe the image.", {"max_new_tokens": 1}, lambda doc: [doc["image"]], 0, "show", "image")
-    wrapper.generate_until([type("Request", (), {"args": args})()])
-    records = wrapper.ledger.samples[-1]["units"]
-    inputs = wrapper.processor(text=[wrapper._prompt("q", 1, 0)], images=[[image]], return_tensors="pt").to(wrapper.device)
+def kept_positions(engine: PruningEngine, image: Image.Image) -> tuple[object, PackedVisual, torch.Tensor, list]:
+    """Run the pipeline (and, for methods inside the LLM, the prefill) on one image: processor inputs, the
+    packed visual, the bool mask of its kept tokens and its token records."""
+    prompt = chat_prompt(engine.processor, chat_template_of(engine.processor), "Describe the image.", 1, 0)
+    inputs = engine.processor_inputs([prompt], [[image]], [])
     with torch.no_grad():
-        (visual,) = wrapper.engine.family.encode(inputs, [1], [0])[0]
-    if wrapper.engine.anyres == "per_view":
-        wrapper.engine.family.attach_views([[visual]], inputs)
-    units, _, _ = policy_units(visual, wrapper.engine.anyres)
-    kept = torch.zeros(visual.length, dtype=torch.bool)
-    for record in records:
-        positions = units[record["unit"]].cpu()
-        # merged tokens (pooling) have no kept subset: the whole unit is shown, the title gives the count
-        kept[positions[record["keep"]] if "keep" in record else positions] = True
-    return inputs, visual, kept, wrapper.engine.settings()
+        pruned = engine.pipeline(inputs, [1], [0], [SAMPLE_KEY])
+        with engine.around_llm(pruned.batch, pruned.records):
+            engine.model(inputs_embeds=pruned.batch.inputs_embeds, attention_mask=pruned.batch.attention_mask,
+                         logits_to_keep=1)
+    return inputs, pruned.visuals[0][0], pruned.kept_positions(0, 0).cpu(), pruned.records[0]
 
 
 def render_panel(processor, family, inputs, visual, kept: torch.Tensor, title: list[str], scale: int = 1) -> Image.Image:
     """Tiles with dropped patches darkened: the base view, then the crop mosaic to its right."""
     tiles = tile_images(processor, inputs["pixel_values"])
     side = family.patch_grid
-    origins = token_origins(family, inputs, visual)
     shade = [np.full((side * side,), DIM) for _ in tiles]
-    for (tile, patch), keep in zip(origins.tolist(), kept.tolist()):
+    for tile, patch, keep in zip(visual.tiles.tolist(), visual.patches.tolist(), kept.tolist()):
         if tile >= 0 and keep:
             shade[tile][patch] = 1.0
     shaded = []
@@ -145,18 +133,23 @@ def render_panel(processor, family, inputs, visual, kept: torch.Tensor, title: l
 
 def show_kept(pretrained: str, image: Image.Image, specs: list[str], out: str, scale: int = 1) -> str:
     """One panel per ``method,key=value,...`` spec, side by side, written to ``out`` (PNG, all at once: a failed run
-    leaves no file)."""
-    from lmms_eval_redundancy.lmms.model import LlavaRedundancy
-
+    leaves no file). Every spec is checked before the model loads."""
     parsed = [parse_spec(spec) for spec in specs]
+    loaded = load(pretrained)
     panels = []
-    for method, options in parsed:
-        wrapper = LlavaRedundancy(pretrained=pretrained, method=method, log_keep_indices=True, **options)
-        inputs, visual, kept, settings = kept_positions(wrapper, image)
+    for name, options in parsed:
+        anyres = options.pop("anyres", "full")
+        budget = parse_budget(*(options.pop(key, None) for key in BUDGET_KEYS)) or KEEP_ALL
+        engine = PruningEngine(loaded.model, loaded.processor, loaded.family, build_method(name, budget, **options),
+                               anyres, log_keep_indices=True)
+        inputs, visual, kept, records = kept_positions(engine, image)
+        engine.close()
+        settings = engine.settings()
         total = int((~visual.newline).sum())
-        kept_visual = sum(u["after"] for u in wrapper.ledger.samples[-1]["units"])
-        title = [f"{settings['method']} {settings['budget']}", f"anyres={settings['anyres']}: {kept_visual}/{total} kept"]
-        panels.append(render_panel(wrapper.processor, wrapper.engine.family, inputs, visual, kept, title, scale))
+        # merged tokens (pooling) have no kept subset: their whole unit is shown, the title gives the count
+        title = [f"{settings['method']} {settings['budget']}",
+                 f"anyres={settings['anyres']}: {sum(r.after for r in records)}/{total} kept"]
+        panels.append(render_panel(loaded.processor, loaded.family, inputs, visual, kept, title, scale))
     height = max(p.height for p in panels)
     sheet = Image.new("RGB", (sum(p.width for p in panels) + 12 * (len(panels) - 1), height), "white")
     x = 0

@@ -52,12 +52,12 @@ from tqdm import tqdm
 from lmms_eval_redundancy.core.budget import BUDGET_KEYS, KEEP_ALL, parse_budget
 from lmms_eval_redundancy.core.errors import UserError
 from lmms_eval_redundancy.core.files import content_id, write_atomically
-from lmms_eval_redundancy.core.registry import UNPRUNED
-from lmms_eval_redundancy.methods import (
+from lmms_eval_redundancy.core.registry import (
+    UNPRUNED,
     available_methods,
     build_method,
+    file_params,
     method_class,
-    param_fields,
     param_names,
 )
 
@@ -148,7 +148,7 @@ def _slug(value) -> str:
 
 def folder_name(method: str, params: tuple[tuple[str, object], ...]) -> str:
     """A cell folder's name: the method and its settings; a file parameter by its stem and content hash."""
-    files = {f.name for f in param_fields(method) if f.metadata.get("file")}
+    files = set(file_params(method))
     parts = [f"{_slug(k)}-{content_id(v) if k in files else _slug(v)}" for k, v in params]
     return "_".join([method] + parts)
 

@@ -2,38 +2,45 @@
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import zipfile
 
-from conftest import REPO, run_lmms_eval
+from conftest import REPO, readme_methods, run_lmms_eval
 
 
-def readme_method() -> tuple[str, str]:
-    """The file name and code of the README's "Adding a method" example."""
-    section = (REPO / "README.md").read_text().split("## Adding a method", 1)[1]
-    name = re.search(r"methods/(\w+\.py)`", section).group(1)
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    return name, code
-
-
-def test_the_readme_method_pasted_into_methods_runs_through_lmms_eval(tiny_models, local_tasks, tmp_path):
-    """Exactly what a reader does: the package (a copy here) plus the README's file in ``methods/``, no other edit."""
+def test_the_readme_methods_pasted_into_methods_run_through_lmms_eval(tiny_models, local_tasks, tmp_path):
+    """Exactly what a reader does: the package (a copy here) plus each README example in ``methods/``, no other edit."""
     copy = tmp_path / "site"
     shutil.copytree(REPO / "lmms_eval_redundancy", copy / "lmms_eval_redundancy",
                     ignore=shutil.ignore_patterns("__pycache__", "builtin"))
-    file_name, code = readme_method()
-    (copy / "lmms_eval_redundancy" / "methods" / file_name).write_text(code)
-    method = file_name.removesuffix(".py")
+    examples = readme_methods()
+    assert [name for name, _ in examples] == ["largest_norm.py", "merge_rest.py", "two_cuts.py"]
+    for file_name, code in examples:
+        (copy / "lmms_eval_redundancy" / "methods" / file_name).write_text(code)
     env = {"PYTHONPATH": os.pathsep.join([str(copy), os.environ.get("PYTHONPATH", "")])}
-    results, tokens, _ = run_lmms_eval(f"pretrained={tiny_models['llava']},method={method},retention=0.5,power=1",
-                                       tmp_path / "out", local_tasks, tasks="tiny_image", env=env, cwd=tmp_path)
-    assert "tiny_image" in results["results"]
-    assert tokens["settings"]["method"] == method and tokens["settings"]["power"] == 1.0
-    assert 0.45 < tokens["achieved_retention"] < 0.55
+    runs = {"largest_norm": ("llava", "retention=0.5,power=1"), "merge_rest": ("llava_next", "retention=0.5"),
+            "two_cuts": ("llava_onevision", "retention=0.5")}
+    for method, (family, args) in runs.items():
+        results, tokens, _ = run_lmms_eval(f"pretrained={tiny_models[family]},method={method},{args}",
+                                           tmp_path / method, local_tasks, tasks="tiny_image", env=env, cwd=tmp_path)
+        assert "tiny_image" in results["results"] and tokens["settings"]["method"] == method
+        if method == "largest_norm":
+            assert tokens["settings"]["power"] == 1.0 and 0.45 < tokens["achieved_retention"] < 0.55
+        else:
+            assert 0 < tokens["visual_tokens_after"] < tokens["visual_tokens_before"]
+    merged = [u for sample in tokens_of(tmp_path / "merge_rest")["per_sample"] for u in sample["units"]]
+    assert merged and all(u["merged"] == 1 for u in merged)  # one merged token per image, recorded as merged
+    layer_mean = tokens["visual_tokens_layer_mean"]  # two_cuts: all, then half, then a quarter of the tokens
+    assert tokens["visual_tokens_after"] < layer_mean < tokens["visual_tokens_before"]
+
+
+def tokens_of(out) -> dict:
+    (path,) = out.glob("*/*_tokens.json")
+    return json.loads(path.read_text())
 
 
 def test_a_wheel_install_runs_the_builtin_model_on_tasks_it_writes_into_an_empty_folder(tmp_path):
@@ -62,3 +69,25 @@ def test_a_wheel_install_runs_the_builtin_model_on_tasks_it_writes_into_an_empty
     assert results["results"]["shapes_image"]["exact_match,none"] >= 0.5
     assert tokens["settings"]["pretrained"] == "builtin:shapes"
     assert sorted(p.name for p in empty.iterdir()) == ["out", "tasks"]  # it wrote only where it was pointed
+
+
+def test_a_newly_registered_method_is_in_every_generated_parametrisation(tmp_path):
+    """A throwaway method, registered by a plugin before collection, appears in the cross-family, evaluator and
+    batching tests, whose parameters come from the registry (no list names it)."""
+    (tmp_path / "throwaway_method.py").write_text(
+        "import torch\n"
+        "from lmms_eval_redundancy.core.registry import register\n"
+        "from lmms_eval_redundancy.methods.base import BeforeLLM, Selection\n\n\n"
+        "@register\n"
+        "class Throwaway(BeforeLLM):\n"
+        "    name = 'throwaway'\n\n"
+        "    def select_unit(self, unit):\n"
+        "        return Selection(torch.arange(1))\n")
+    files = ["tests/integration/test_model.py", "tests/integration/test_local_tasks.py", "tests/unit/test_methods.py"]
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "throwaway_method", *files],
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    picked = {line.split("::")[1].split("[")[0] for line in done.stdout.splitlines() if "throwaway" in line}
+    assert picked == {"test_every_method_batch_of_two_equals_batch_of_one", "test_every_method_runs_every_task_kind",
+                      "test_every_method_selects_a_ragged_batch_as_it_selects_one_unit_at_a_time"}

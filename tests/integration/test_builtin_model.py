@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from lmms_eval_redundancy.codebook.store import load_codebook
-from lmms_eval_redundancy.core.registry import UNPRUNED
+from lmms_eval_redundancy.core.registry import UNPRUNED, available_methods
 from lmms_eval_redundancy.embedded import shapes
 from lmms_eval_redundancy.embedded.demo import sweep_spec
 from lmms_eval_redundancy.embedded.shapes_codebook import CODEBOOK
@@ -29,7 +29,6 @@ from lmms_eval_redundancy.embedded.training import (
     encode,
     train,
 )
-from lmms_eval_redundancy.methods import available_methods
 from lmms_eval_redundancy.runtime.loading import (
     BUILTIN,
     builtin_names,

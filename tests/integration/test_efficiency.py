@@ -19,7 +19,7 @@ def test_records_carry_measured_kv_bytes_times_and_flops(tiny_models):
     # the cache holds the prompt and every generated token but the last (max_new_tokens=6)
     assert efficiency["kv_cache_bytes"] == 2 * text.num_hidden_layers * kv_dim * (prompt_tokens + 5) * 4
     assert efficiency["prefill_seconds"] > 0 and efficiency["decode_seconds"] > 0 and efficiency["pruning_seconds"] >= 0
-    assert efficiency["llm_prefill_flops"] == sample_flops(plain.model.config, prompt_tokens, 0, None, 1)["llm_prefill_flops"]
+    assert efficiency["llm_prefill_flops"] == sample_flops(plain.model.config, [prompt_tokens] * text.num_hidden_layers, 1)["llm_prefill_flops"]
     fastv = LlavaRedundancy(pretrained=str(tiny_models["llava"]), device="cpu", dtype="float32", method="fastv", tokens=4)
     fastv.generate_until(requests_for(fastv, [doc]))
     fastv_efficiency = fastv.ledger.samples[-1]["efficiency"]

@@ -6,7 +6,7 @@ import torch
 from conftest import image
 
 from lmms_eval_redundancy.core.budget import Budget
-from lmms_eval_redundancy.methods import build_method
+from lmms_eval_redundancy.core.registry import build_method
 from lmms_eval_redundancy.runtime.engine import PruningEngine
 from lmms_eval_redundancy.runtime.loading import load
 from lmms_eval_redundancy.runtime.prompts import chat_prompt, chat_template_of

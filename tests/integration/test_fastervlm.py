@@ -7,7 +7,9 @@ import torch
 from conftest import image, requests_for
 from transformers import AutoModelForImageTextToText
 
+from lmms_eval_redundancy.core.visuals import VisionNeed
 from lmms_eval_redundancy.lmms.model import LlavaRedundancy
+from lmms_eval_redundancy.runtime.loading import load
 
 
 def eager_scores(path, pixel_values, has_cls: bool) -> torch.Tensor:
@@ -43,16 +45,42 @@ def test_scores_follow_the_packed_anyres_order(tiny_models):
     w = LlavaRedundancy(pretrained=str(tiny_models["llava_next"]), device="cpu", method="fastervlm", retention=0.5)
     img = image(64, 40, 3)
     inputs = w.processor(text=[w._prompt("q", 1, 0)], images=[[img]], return_tensors="pt")
-    with torch.no_grad(), w.engine.method.observing_vision() as captured:
-        (visual,) = w.engine.family.encode(inputs, [1], [0])[0]
-    w.engine.family.attach_scores([[visual]], captured, inputs)
-    tiles = captured[0]
+    (visual,) = w.engine.pipeline(inputs, [1], [0], ["doc"]).visuals[0]
+    need = w.engine.method.need
+    tiles, scores = visual.tile_vision[need], visual.vision[need]
     model = w.model.model
     with_channel = torch.cat([model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
                                                        vision_feature_layer=-2, vision_feature_select_strategy="default"
-                                                       ).pooler_output[0], visual.scores[:, None]], dim=1)
+                                                       ).pooler_output[0], scores[:, None]], dim=1)
     raw = torch.cat([torch.zeros(tiles.shape[0], tiles.shape[1], model.image_newline.shape[0]), tiles[..., None]], dim=-1)
     packed = model.pack_image_features([raw], inputs["image_sizes"], "default",
                                        image_newline=torch.cat([model.image_newline, torch.tensor([float("nan")])]))[0][0]
     torch.testing.assert_close(packed[:, -1], with_channel[:, -1], equal_nan=True)
-    assert torch.isnan(visual.scores[visual.newline]).all() and not torch.isnan(visual.scores[~visual.newline]).any()
+    assert torch.isnan(scores[visual.newline]).all() and not torch.isnan(scores[~visual.newline]).any()
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_onevision"])
+def test_every_vision_need_equals_the_eager_towers_outputs(tiny_models, family):
+    """Hidden states, keys, [CLS] row and received attention at chosen layers, as the family serves them
+    (hooks under SDPA, only the asked rows), against an eager run of the same tower."""
+    loaded = load(str(tiny_models[family]), device="cpu")
+    has_cls = loaded.family.vision_has_cls
+    needs = [VisionNeed("hidden", 0), VisionNeed("keys", 0), VisionNeed("received_attention", 1)]
+    needs += [VisionNeed("cls_attention", 0)] if has_cls else []
+    inputs = loaded.processor(text=[loaded.processor.image_token], images=[[image(32, 32, 4)]], return_tensors="pt")
+    with torch.no_grad():
+        (visual,) = loaded.family.encode(inputs, [1], [0], needs)[0]
+    eager = AutoModelForImageTextToText.from_pretrained(tiny_models[family], attn_implementation="eager").eval()
+    pixels = inputs["pixel_values"].reshape(-1, *inputs["pixel_values"].shape[-3:])
+    with torch.no_grad():
+        out = eager.model.vision_tower(pixels, output_attentions=True, output_hidden_states=True)
+        first = eager.model.vision_tower.vision_model.encoder.layers[0] if hasattr(eager.model.vision_tower, "vision_model") \
+            else eager.model.vision_tower.encoder.layers[0]
+        keys = first.self_attn.k_proj(first.layer_norm1(out.hidden_states[0]))
+    patches = slice(1, None) if has_cls else slice(None)
+    close = lambda need, expected: torch.testing.assert_close(visual.tile_vision[need], expected, atol=1e-5, rtol=1e-4)  # noqa: E731
+    close(needs[0], out.hidden_states[1][:, patches])
+    close(needs[1], keys[:, patches])
+    close(needs[2], out.attentions[1].mean(dim=1).mean(dim=1)[:, patches])
+    if has_cls:
+        close(needs[3], out.attentions[0].mean(dim=1)[:, 0, 1:])

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+
 import pytest
 import torch
-from conftest import image, requests_for
+from conftest import FAMILIES, REPO, image, requests_for
 from transformers import AutoModelForImageTextToText
 
+from lmms_eval_redundancy.core.budget import KEEP_ALL
+from lmms_eval_redundancy.core.registry import NoParams
 from lmms_eval_redundancy.lmms.model import LlavaRedundancy
-from lmms_eval_redundancy.methods import fastv
+from lmms_eval_redundancy.methods import base as stages
+from lmms_eval_redundancy.methods.base import Cut, MultiStageLLM
+from lmms_eval_redundancy.runtime.engine import PruningEngine
 
 DOCS = [
     {"question": "what color is this ?", "visuals": [image(32, 32, 0)], "target": " red"},
@@ -29,8 +36,8 @@ def test_retention_one_gives_the_output_of_method_none(tiny_models):
 
 def test_layer_k_minus_1_row_under_sdpa_equals_eager(tiny_models, monkeypatch):
     rows = []
-    original = fastv.last_token_attention
-    monkeypatch.setattr(fastv, "last_token_attention", lambda *a: rows.append(original(*a)) or rows[-1])
+    original = stages.last_token_attention
+    monkeypatch.setattr(stages, "last_token_attention", lambda *a: rows.append(original(*a)) or rows[-1])
     w = wrapper(tiny_models["llava_next"], method="fastv", retention=0.5)
     _, batch, records = w._build([requests_for(w, DOCS[2:])[0].args])
     with torch.no_grad(), w.engine.around_llm(batch, records):
@@ -42,21 +49,34 @@ def test_layer_k_minus_1_row_under_sdpa_equals_eager(tiny_models, monkeypatch):
     torch.testing.assert_close(rows[0], expected, atol=1e-5, rtol=1e-4)
 
 
-def masked_reference_generate(path, batch, keep_visual: torch.Tensor, k: int, steps: int, suppress: list[int]):
-    """Greedy decoding without a cache; layers >= k see every position but the dropped visual keys."""
+def masked_reference_generate(path, batch, keep_visual: torch.Tensor, k: int, steps: int, suppress: list[int],
+                              later: tuple[int, torch.Tensor] | None = None, renumber: bool = False):
+    """Greedy decoding without a cache; layers >= k see every position but the dropped visual keys (and, with
+    ``later=(k2, keep2)``, layers >= k2 only the visual keys of ``keep2``). ``renumber``: those layers number
+    positions as if the dropped tokens were gone."""
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     embeds, valid = batch.inputs_embeds, batch.attention_mask.bool()
-    dropped = batch.visual_mask & ~keep_visual
 
-    def hook(module, args, kwargs):
-        length = args[0].shape[1]
-        keys = valid[:, :length] & ~torch.nn.functional.pad(dropped, (0, length - dropped.shape[1]))[:, :length]
-        causal = torch.ones(length, length, dtype=torch.bool).tril()
-        kwargs["attention_mask"] = (causal[None] & keys[:, None, :])[:, None]
-        return args, kwargs
+    def masking(keep):
+        dropped = batch.visual_mask & ~keep
+
+        def hook(module, args, kwargs):
+            length = args[0].shape[1]
+            gone = torch.nn.functional.pad(dropped, (0, length - dropped.shape[1]))[:, :length]
+            keys = valid[:, :length] & ~gone
+            causal = torch.ones(length, length, dtype=torch.bool).tril()
+            kwargs["attention_mask"] = (causal[None] & keys[:, None, :])[:, None]
+            if renumber:
+                positions = torch.arange(length)[None] - gone.long().cumsum(dim=1)
+                kwargs["position_embeddings"] = model.model.language_model.rotary_emb(args[0], position_ids=positions)
+            return args, kwargs
+
+        return hook
 
     layers = model.model.language_model.layers
-    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers[k:]]
+    stages = [(k, keep_visual)] + ([later] if later else []) + [(len(layers), None)]
+    handles = [layer.register_forward_pre_hook(masking(keep), with_kwargs=True)
+               for (start, keep), (end, _) in zip(stages, stages[1:]) for layer in layers[start:end]]
     tokens = []
     with torch.no_grad():
         for _ in range(steps):
@@ -78,20 +98,20 @@ def test_pruned_generation_equals_no_cache_reference_masking_dropped_keys(tiny_m
     doc = DOCS[1] if family == "llava" else DOCS[2]
     _, batch, records = w._build([requests_for(w, [doc])[0].args])
     chosen = {}
-    original = fastv.rectangular
+    original = stages.rectangular
 
     def spy(kept, length):
         chosen["kept"] = kept
         return original(kept, length)
 
-    fastv.rectangular = spy
+    stages.rectangular = spy
     try:
         with torch.no_grad(), w.engine.around_llm(batch, records):
             out = w.model.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
                                    max_new_tokens=6, do_sample=False, suppress_tokens=w.engine.family.placeholder_ids,
                                    pad_token_id=w.tokenizer.pad_token_id, eos_token_id=w.tokenizer.eos_token_id)
     finally:
-        fastv.rectangular = original
+        stages.rectangular = original
     keep_visual = torch.zeros_like(batch.visual_mask)
     keep_visual[0, chosen["kept"][0]] = True
     keep_visual &= batch.visual_mask
@@ -131,3 +151,60 @@ def test_anyres_policies_other_than_full_are_refused(tiny_models):
 
     with pytest.raises(MethodError, match="anyres=base_only applies to methods before the LLM"):
         wrapper(tiny_models["llava_next"], method="fastv", retention=0.5, anyres="base_only")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fastv_on_the_multi_stage_base_keeps_and_generates_what_the_single_stage_fastv_did(tiny_models, family):
+    """``tests/data/fastv_single_stage.json``: kept indices and greedy generations of the single-stage FastV
+    (before ``MultiStageLLM``) at retention 0.3, batch sizes 1 and 2, on the same tiny models."""
+    expected = json.loads((REPO / "tests" / "data" / "fastv_single_stage.json").read_text())
+    docs = [{"question": doc["question"], "visuals": doc["visuals"]} for doc in DOCS]
+    for batch_size in (1, 2):
+        w = wrapper(tiny_models[family], method="fastv", retention=0.3, batch_size=batch_size, log_keep_indices=True)
+        texts = w.generate_until(requests_for(w, docs))
+        keeps = sorted([s["doc_id"], u["visual"], u["unit"], u["keep"]] for s in w.ledger.samples for u in s["units"])
+        assert {"texts": texts, "keeps": keeps} == expected[f"{family}/{batch_size}"]
+
+
+@dataclass
+class HalveTwice(MultiStageLLM):
+    """Two cuts with original positions (not registered): half of the visual tokens from layer 1, half of those from layer 3."""
+
+    name = "halve_twice"
+
+    def cuts(self):
+        return [Cut(1, keep=lambda n: max(1, n // 2)), Cut(3, keep=lambda n: max(1, n // 2))]
+
+
+@dataclass
+class HalveTwiceRenumbered(HalveTwice):
+    name = "halve_twice_renumbered"
+    renumber_positions = True
+
+
+@pytest.mark.parametrize("renumber", [False, True])
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_two_cuts_equal_a_no_cache_reference_masking_each_stages_dropped_keys(tiny_models, family, renumber):
+    w = wrapper(tiny_models[family])
+    method = (HalveTwiceRenumbered if renumber else HalveTwice)(params=NoParams(), budget=KEEP_ALL)
+    engine = PruningEngine(w.model, w.processor, w.engine.family, method)
+    doc = DOCS[1] if family == "llava" else DOCS[2]
+    inputs = engine.processor_inputs([w._prompt(doc["question"], len(doc["visuals"]), 0)], [doc["visuals"]], [])
+    batch, records = engine.prune(inputs, [len(doc["visuals"])], [0], ["doc"])
+    with torch.no_grad(), engine.around_llm(batch, records):
+        out = w.model.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, max_new_tokens=6,
+                               do_sample=False, suppress_tokens=w.engine.family.placeholder_ids,
+                               pad_token_id=w.tokenizer.pad_token_id, eos_token_id=w.tokenizer.eos_token_id)
+        stages = method.state["stages"]
+    engine.close()
+    kept = []
+    for stage in stages[1:]:
+        mask = torch.zeros_like(batch.visual_mask)
+        mask[0, stage.index[0][stage.valid[0]]] = True
+        kept.append(mask & batch.visual_mask)
+    n = int(batch.prunable_mask.sum())
+    assert [int((k & batch.prunable_mask).sum()) for k in kept] == [n // 2, n // 4]
+    assert [r.layers for r in records[0]] and sum(r.layers[3] for r in records[0]) == n // 4
+    reference = masked_reference_generate(tiny_models[family], batch, kept[0], 1, 6, w.engine.family.placeholder_ids,
+                                          later=(3, kept[1]), renumber=renumber)
+    assert out[0].tolist() == reference

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmms_eval_redundancy.families import family_of
-from lmms_eval_redundancy.testing.tiny import real_geometry_config
+from lmms_eval_redundancy.families.tiny import real_geometry_config
 
 
 def build(name: str):

@@ -4,26 +4,24 @@ evaluator in-process (task loading, requests, filters and metrics as in a real r
 from __future__ import annotations
 
 import pytest
-from conftest import LOCAL_DOCS, LOCAL_REQUESTS, LOCAL_TASKS, evaluate
+from conftest import (
+    LOCAL_DOCS,
+    LOCAL_REQUESTS,
+    LOCAL_TASKS,
+    evaluate,
+    method_cases,
+    with_files,
+)
 
 from lmms_eval_redundancy.families import FAMILIES
 from lmms_eval_redundancy.lmms.model import LlavaRedundancy
 
-METHOD_ARGS = {
-    "random": {"method": "random", "retention": 0.5},
-    "divprune": {"method": "divprune", "tokens": 3},
-    "fastervlm": {"method": "fastervlm", "retention": 0.3},
-    "fastv": {"method": "fastv", "retention": 0.3, "fastv_k": 2},
-    "pooling": {"method": "pooling", "tokens": 4, "anyres": "base_only"},
-    "codebook_double_softmax": {"method": "codebook", "retention": 0.3, "variant": "double_softmax"},
-}
-
 
 @pytest.mark.parametrize("batch_size", [1, 2])
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", METHOD_ARGS)
+@pytest.mark.parametrize("method", method_cases())
 def test_every_method_runs_every_task_kind(tiny_models, tiny_codebook, local_tasks, family, method, batch_size):
-    args = {**METHOD_ARGS[method], **({"codebook": str(tiny_codebook[0])} if method.startswith("codebook") else {})}
+    args = with_files(method_cases()[method], tiny_codebook[0])
     wrapper = LlavaRedundancy(pretrained=str(tiny_models[family]), device="cpu", batch_size=batch_size, **args)
     results, tokens = evaluate(wrapper, LOCAL_TASKS, local_tasks)
     assert set(results["results"]) >= set(LOCAL_DOCS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, image, requests_for
+from conftest import FAMILIES, image, method_cases, requests_for, with_files
 
 from lmms_eval_redundancy.codebook.store import CodebookError
 from lmms_eval_redundancy.core.budget import BudgetError
@@ -176,20 +176,10 @@ def test_anyres_base_only_keeps_the_base_view_and_drops_crops_and_newlines(tiny_
     assert base_unit == {**base_unit, "before": 16, "after": 8, "newlines_after": 0}
 
 
-ALL_METHODS = [
-    {"method": "divprune", "retention": 0.4},
-    {"method": "fastervlm", "retention": 0.4},
-    {"method": "fastv", "retention": 0.4},
-    {"method": "pooling", "tokens": 4, "anyres": "base_only"},
-    {"method": "codebook", "retention": 0.4, "variant": "double_softmax"},
-]
-
-
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ALL_METHODS, ids=lambda m: m["method"])
+@pytest.mark.parametrize("method", method_cases().values(), ids=lambda m: m["method"])
 def test_every_method_batch_of_two_equals_batch_of_one(tiny_models, tiny_codebook, family, method):
-    if method["method"] == "codebook":
-        method = {**method, "codebook": str(tiny_codebook[0])}
+    method = with_files(method, tiny_codebook[0])
     one = wrapper(tiny_models[family], batch_size=1, **method)
     two = wrapper(tiny_models[family], batch_size=2, **method)
     assert two.generate_until(requests_for(two, DOCS)) == one.generate_until(requests_for(one, DOCS))
@@ -217,12 +207,10 @@ def test_faithful_per_view_takes_the_top_k_of_each_full_view_then_drops_padding(
     assert [(u["unit"], u["before"]) for u in units] == [(0, 16)] + [(i, 12) for i in range(1, 5)]
     assert units[0]["after"] == 4 and all(u["after"] <= 4 for u in units)  # the base view has no padding
     inputs = w.processor(text=[w._prompt("q", 1, 0)], images=[doc["visuals"]], return_tensors="pt")
-    with torch.no_grad(), w.engine.method.observing_vision() as captured:
-        (visual,) = w.engine.family.encode(inputs, [1], [0])[0]
-    w.engine.family.attach_views([[visual]], inputs)
+    (visual,) = w.engine.pipeline(inputs, [1], [0], ["doc"]).visuals[0]
     for unit in units[1:]:  # each crop: what it kept lies within the top 4 of all 16 patches of its view
-        view = captured[0][unit["unit"]]
+        view = visual.tile_vision[w.engine.method.need][unit["unit"]]
         top = set(torch.sort(view, descending=True, stable=True).indices[:4].tolist())
-        positions = torch.nonzero(visual.views.round() == unit["unit"]).flatten()
+        positions = torch.nonzero(visual.tiles == unit["unit"]).flatten()
         kept_patches = {int(visual.patches[positions[i]]) for i in unit["keep"]}
         assert kept_patches <= top and len(kept_patches) == unit["after"]

@@ -15,9 +15,9 @@ from lmms_eval_redundancy.tools.show import DIM, kept_positions, render_panel
 def test_panel_darkens_exactly_the_dropped_patches(tiny_models):
     w = LlavaRedundancy(pretrained=str(tiny_models["llava"]), device="cpu", method="random", tokens=3, log_keep_indices=True)
     white = Image.new("RGB", (32, 32), "white")
-    inputs, visual, kept, _ = kept_positions(w, white)
+    inputs, visual, kept, records = kept_positions(w.engine, white)
     assert int(kept.sum()) == 3
-    assert kept.nonzero().flatten().tolist() == w.ledger.samples[-1]["units"][0]["keep"]
+    assert kept.nonzero().flatten().tolist() == records[0].keep
     panel = np.asarray(render_panel(w.processor, w.engine.family, inputs, visual, kept, ["t"], scale=1))
     tile = panel[panel.shape[0] - 32:, :32].mean(axis=-1)  # the base view, 4x4 patches of 8 px
     patch_brightness = tile.reshape(4, 8, 4, 8).mean(axis=(1, 3)).flatten()

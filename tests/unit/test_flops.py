@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from transformers import LlamaConfig
 
+from lmms_eval_redundancy.families.tiny import real_geometry_config
 from lmms_eval_redundancy.runtime.efficiency import sample_flops
 from lmms_eval_redundancy.runtime.flops import llm_prefill_flops
-from lmms_eval_redundancy.testing.tiny import real_geometry_config
 
 
 def hand_count(tokens: int, hidden: int, kv: int, inter: int) -> float:
@@ -26,9 +26,9 @@ def test_llm_flops_equal_a_hand_count_with_grouped_kv_heads():
 
 def test_llava15_prefill_flops_at_576_and_64_visual_tokens():
     config = real_geometry_config("llava-1.5-7b", text_layers=32, intermediate_size=11008)
-    full = sample_flops(config, 576 + 40, 0, None, tiles=1)
-    pruned = sample_flops(config, 64 + 40, 0, None, tiles=1)
-    fastv = sample_flops(config, 576 + 40, 512, 2, tiles=1)
+    full = sample_flops(config, [576 + 40] * 32, tiles=1)
+    pruned = sample_flops(config, [64 + 40] * 32, tiles=1)
+    fastv = sample_flops(config, [576 + 40] * 2 + [64 + 40] * 30, tiles=1)
     assert full["llm_prefill_flops"] == pytest.approx(32 * hand_count(616, 4096, 4096, 11008))
     assert pruned["llm_prefill_flops"] / full["llm_prefill_flops"] == pytest.approx(
         hand_count(104, 4096, 4096, 11008) / hand_count(616, 4096, 4096, 11008))

@@ -22,9 +22,8 @@ ALLOWED = {
     "runtime": {"core", "families"},
     "codebook.builder": {"core", "families", "runtime", "codebook.store", "codebook.analysis"},
     "lmms": {"core", "families", "methods", "runtime"},
-    "testing": {"core", "families", "methods", "runtime", "codebook"},
-    "tools": {"core", "families", "methods", "runtime", "codebook", "lmms", "testing"},
-    "embedded": {"core", "families", "methods", "runtime", "codebook", "lmms", "tools", "testing"},
+    "tools": {"core", "families", "methods", "runtime", "codebook", "lmms"},
+    "embedded": {"core", "families", "methods", "runtime", "codebook", "lmms", "tools"},
 }
 
 
@@ -91,9 +90,9 @@ def test_methods_import_nothing_family_specific():
         assert "transformers" not in source and "families" not in imports_of(path), path.name
 
 
-def test_the_lmms_eval_model_loads_without_tools_embedded_or_testing():
+def test_the_lmms_eval_model_loads_without_tools_or_embedded():
     code = ("import sys, lmms_eval_redundancy.lmms.model; print(sorted(m for m in sys.modules "
-            "if m.split('.')[0] == 'lmms_eval_redundancy' and m.split('.')[1:2] in (['tools'], ['embedded'], ['testing'])))")
+            "if m.split('.')[0] == 'lmms_eval_redundancy' and m.split('.')[1:2] in (['tools'], ['embedded'])))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
@@ -119,3 +118,24 @@ def test_no_tracked_file_names_an_absolute_machine_path():
         if pattern.search(text) and path != Path(__file__):
             offenders.append(str(path.relative_to(REPO)))
     assert not offenders, offenders
+
+
+def calls_in(path: Path) -> list[str]:
+    """``splice`` and ``<...>family.encode`` calls in a module's source."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call):
+            function = node.func
+            if isinstance(function, ast.Name) and function.id == "splice":
+                found.append("splice(")
+            if isinstance(function, ast.Attribute) and function.attr == "encode" and ast.unparse(function.value).endswith("family"):
+                found.append("family.encode(")
+    return found
+
+
+def test_splice_and_family_encode_are_called_from_one_module():
+    callers = {}
+    for path in PACKAGE.rglob("*.py"):
+        for call in calls_in(path):
+            callers.setdefault(call, set()).add(module_name(path))
+    assert callers == {"splice(": {"runtime.engine"}, "family.encode(": {"runtime.engine"}}

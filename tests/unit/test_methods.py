@@ -1,4 +1,4 @@
-"""Budgets, the method registry, the random and codebook methods, and ``prune_visual``.
+"""Budgets, the method registry, the random and codebook methods, and pruning packed visuals (``prune_batch``).
 
 Every selection is checked against a plain reference written here with Python loops over rows
 (cosines in float64 from lists), following the methods specification ("Budgets" and
@@ -15,16 +15,21 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import codebook_keep, method_cases, with_files
 
 from lmms_eval_redundancy.codebook.store import Codebook, CodebookError, save_codebook
 from lmms_eval_redundancy.core.budget import KEEP_ALL, Budget, BudgetError, parse_budget
-from lmms_eval_redundancy.core.registry import MethodError
-from lmms_eval_redundancy.core.units import prune_visual
+from lmms_eval_redundancy.core.registry import (
+    MethodError,
+    NoParams,
+    available_methods,
+    build_method,
+)
+from lmms_eval_redundancy.core.units import prune_batch
 from lmms_eval_redundancy.core.visuals import PackedVisual, Selection, VisualUnit
-from lmms_eval_redundancy.methods import available_methods, build_method
 from lmms_eval_redundancy.methods import codebook as codebook_method
 from lmms_eval_redundancy.methods import random as random_method
-from lmms_eval_redundancy.methods.base import BeforeLLM, NoParams
+from lmms_eval_redundancy.methods.base import BeforeLLM
 
 SEEDS = range(12)
 MARGIN = 1e-4  # float32 (package) vs float64 (reference) scores differ by far less than this
@@ -180,7 +185,7 @@ def test_exact_feature_vectors_have_the_intended_scores():
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_threshold_select_matches_loop_reference_on_random_inputs(seed):
+def test_threshold_select_matches_loop_reference_on_random_inputs(seed, tmp_path):
     features, prototypes = random_case(seed)
     scores = ref_scores(features, prototypes)
     thresholds = decisive_thresholds(scores)
@@ -189,23 +194,23 @@ def test_threshold_select_matches_loop_reference_on_random_inputs(seed):
         expected, floor = ref_threshold(scores, t)
         if floor and not lowest_is_decisive(scores):
             continue  # the floor index would depend on float32 rounding
-        keep = codebook_method.select(features, prototypes, threshold=t, variant="threshold")
+        keep = codebook_keep(tmp_path, features, prototypes, Budget("threshold", t))
         assert_index_tensor(keep, expected)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_threshold_select_matches_loop_reference_on_float16_inputs(seed):
+def test_threshold_select_matches_loop_reference_on_float16_inputs(seed, tmp_path):
     features, prototypes = random_case(1000 + seed, dtype=torch.float16)
     scores = ref_scores(features, prototypes)
     for t in decisive_thresholds(scores):
         expected, floor = ref_threshold(scores, t)
         if floor and not lowest_is_decisive(scores):
             continue
-        keep = codebook_method.select(features, prototypes, threshold=t, variant="threshold")
+        keep = codebook_keep(tmp_path, features, prototypes, Budget("threshold", t))
         assert_index_tensor(keep, expected)
 
 
-def test_threshold_is_strict_score_equal_to_threshold_is_dropped():
+def test_threshold_is_strict_score_equal_to_threshold_is_dropped(tmp_path):
     # token 1 is exactly the prototype direction (score 1.0); with t=1.0 it must be dropped.
     prototypes = torch.tensor([[0.5, 0.5, 0.5, 0.5]])
     features = torch.tensor([[1.0, 0.0, 0.0, 0.0],      # cos 0.5
@@ -213,9 +218,9 @@ def test_threshold_is_strict_score_equal_to_threshold_is_dropped():
                              [0.0, 0.0, -2.0, 0.0],     # cos -0.5
                              [1.0, 1.0, 1.0, 1.0]])     # cos 1.0
     assert ref_scores(features, prototypes) == [0.5, 1.0, -0.5, 1.0]
-    keep = codebook_method.select(features, prototypes, threshold=1.0, variant="threshold")
+    keep = codebook_keep(tmp_path, features, prototypes, Budget("threshold", 1.0))
     assert_index_tensor(keep, [0, 2])
-    keep = codebook_method.select(features, prototypes, threshold=0.5, variant="threshold")
+    keep = codebook_keep(tmp_path, features, prototypes, Budget("threshold", 0.5))
     assert_index_tensor(keep, [2])
 
 
@@ -223,15 +228,15 @@ def test_threshold_is_strict_score_equal_to_threshold_is_dropped():
 # Codebook: the floor (threshold keeps nothing)
 # --------------------------------------------------------------------------------------------------
 
-def test_floor_keeps_exactly_the_lowest_scoring_token_ties_to_lower_index():
+def test_floor_keeps_exactly_the_lowest_scoring_token_ties_to_lower_index(tmp_path):
     scores = [1.0, 0.5, 1.0, 0.5, 0.5]
     features, prototypes = exact_features(scores), torch.tensor([E1])
     assert ref_threshold(scores, 0.5) == ([1], True)
-    keep = codebook_method.select(features, prototypes, threshold=0.5, variant="threshold")
+    keep = codebook_keep(tmp_path, features, prototypes, Budget("threshold", 0.5))
     assert_index_tensor(keep, [1])
 
 
-def test_floor_keeps_lowest_scoring_token_on_random_inputs():
+def test_floor_keeps_lowest_scoring_token_on_random_inputs(tmp_path):
     checked = 0
     for seed in SEEDS:
         features, prototypes = random_case(seed)
@@ -239,7 +244,7 @@ def test_floor_keeps_lowest_scoring_token_on_random_inputs():
         if not lowest_is_decisive(scores) or min(scores) - MARGIN < -1:
             continue
         t = min(scores) - MARGIN
-        keep = codebook_method.select(features, prototypes, threshold=t, variant="threshold")
+        keep = codebook_keep(tmp_path, features, prototypes, Budget("threshold", t))
         assert_index_tensor(keep, [ref_lowest_index(scores)])
         checked += 1
     assert checked >= len(SEEDS) // 2
@@ -283,43 +288,43 @@ def test_threshold_select_unit_matches_loop_reference(tmp_path, seed):
 
 @pytest.mark.parametrize("n, r, k", [(5, 0.5, 2), (7, 0.5, 4), (3, 0.5, 2), (1, 0.5, 1), (1, 0.1, 1),
                                      (9, 0.5, 4), (576, 1 / 9, 64), (576, 2 / 9, 128), (576, 1 / 3, 192)])
-def test_ratio_keep_count_is_python_round_half_to_even_at_least_one(n, r, k):
+def test_ratio_keep_count_is_python_round_half_to_even_at_least_one(n, r, k, tmp_path):
     assert ref_keep_count("retention", r, n) == k
     features = torch.randn(n, 6, generator=torch.Generator().manual_seed(n))
     prototypes = torch.randn(3, 6, generator=torch.Generator().manual_seed(n + 1))
-    keep = codebook_method.select(features, prototypes, retention=r, variant="ratio")
+    keep = codebook_keep(tmp_path, features, prototypes, Budget("retention", r))
     assert keep.numel() == k
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("r", [0.1, 0.25, 1 / 3, 0.5, 0.75, 1.0])
-def test_ratio_select_matches_loop_reference_on_random_inputs(seed, r):
+def test_ratio_select_matches_loop_reference_on_random_inputs(seed, r, tmp_path):
     features, prototypes = random_case(seed)
     scores = ref_scores(features, prototypes)
     k = ref_keep_count("retention", r, len(scores))
-    keep = codebook_method.select(features, prototypes, retention=r, variant="ratio")
+    keep = codebook_keep(tmp_path, features, prototypes, Budget("retention", r))
     assert_lowest_k_up_to_near_ties(keep, scores, k)
 
 
-def test_ratio_ties_go_to_lower_index():
+def test_ratio_ties_go_to_lower_index(tmp_path):
     scores = [0.5, 1.0, 0.5, 0.0, 0.5, 0.5, -1.0]
     features, prototypes = exact_features(scores), torch.tensor([E1])
     # N=7, r=0.5 -> round(3.5) = 4: -1.0 (6), 0.0 (3), then the two lowest-index 0.5s (0, 2)
     assert ref_lowest_k(scores, 4) == [0, 2, 3, 6]
-    keep = codebook_method.select(features, prototypes, retention=0.5, variant="ratio")
+    keep = codebook_keep(tmp_path, features, prototypes, Budget("retention", 0.5))
     assert_index_tensor(keep, [0, 2, 3, 6])
-    keep = codebook_method.select(features, prototypes, tokens=3, variant="ratio")
+    keep = codebook_keep(tmp_path, features, prototypes, Budget("tokens", 3))
     assert_index_tensor(keep, [0, 3, 6])
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("tokens", [1, 3, 10, 64])
-def test_ratio_tokens_budget_matches_loop_reference_clipped_to_n(seed, tokens):
+def test_ratio_tokens_budget_matches_loop_reference_clipped_to_n(seed, tokens, tmp_path):
     features, prototypes = random_case(seed)
     scores = ref_scores(features, prototypes)
     k = ref_keep_count("tokens", tokens, len(scores))
     assert k == min(tokens, len(scores))
-    keep = codebook_method.select(features, prototypes, tokens=tokens, variant="ratio")
+    keep = codebook_keep(tmp_path, features, prototypes, Budget("tokens", tokens))
     assert_lowest_k_up_to_near_ties(keep, scores, k)
 
 
@@ -510,7 +515,7 @@ def test_none_keeps_every_index():
 
 
 # --------------------------------------------------------------------------------------------------
-# prune_visual
+# prune_batch on one visual
 # --------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -522,6 +527,19 @@ class EveryOtherStub(BeforeLLM):
     def select_unit(self, unit: VisualUnit) -> Selection:
         self.seen.append(unit)
         return Selection(torch.arange(0, unit.features.shape[0], 2))
+
+
+def prune_visual(visual: PackedVisual, method, key: str, anyres: str = "full", log_keep: bool = False):
+    """One visual through the shipped ``prune_batch``: its kept features and its records."""
+    ((features,), records, _), = prune_batch([[visual]], method, [key], anyres, log_keep)
+    return features, records
+
+
+def token_ids(newline: torch.Tensor, tiles: torch.Tensor | None = None) -> dict:
+    """``tiles``/``patches`` of a packed visual: one tile (unless given), patches in order, -1 at newlines."""
+    tiles = torch.zeros(newline.shape, dtype=torch.long) if tiles is None else tiles
+    patches = torch.arange(newline.numel())
+    return {"tiles": tiles.masked_fill(newline, -1), "patches": patches.masked_fill(newline, -1)}
 
 
 def stub_method() -> EveryOtherStub:
@@ -539,9 +557,8 @@ def anyres_visual(with_base: bool = True) -> PackedVisual:
     newline = torch.zeros(12, dtype=torch.bool)
     newline[[7, 11]] = True
     features[newline] = newline_vector
-    return PackedVisual(features=features, kind="image",
-                        units=[torch.nonzero(~newline).flatten()], newline=newline, grids=[None],
-                        base=torch.arange(4) if with_base else None)
+    return PackedVisual(features=features, kind="image", units=[torch.nonzero(~newline).flatten()], newline=newline,
+                        grids=[None], base=torch.arange(4) if with_base else None, **token_ids(newline))
 
 
 def ref_prune(visual: PackedVisual, unit_keeps: list[list[int]], units=None, keep_newlines=True):
@@ -611,8 +628,8 @@ def test_prune_visual_returns_features_at_sorted_kept_positions_for_scattered_un
     newline = torch.zeros(8, dtype=torch.bool)
     newline[3] = True
     unit = torch.tensor([7, 0, 5, 1, 2, 4, 6])
-    visual = PackedVisual(features=features, kind="image", units=[unit], newline=newline,
-                          grids=[None])
+    visual = PackedVisual(features=features, kind="image", units=[unit], newline=newline, grids=[None],
+                          **token_ids(newline))
     out, records = prune_visual(visual, stub_method(), key="k")  # keeps unit[0,2,4,6] = 7,5,2,6
     expected = ref_prune(visual, [[0, 2, 4, 6]])
     assert expected == [2, 3, 5, 6, 7]
@@ -625,7 +642,8 @@ def test_prune_visual_plain_image_with_codebook_matches_reference(tmp_path):
     features = torch.randn(24, 6, generator=gen)
     prototypes = torch.randn(4, 6, generator=gen)
     visual = PackedVisual(features=features, kind="image", units=[torch.arange(24)],
-                          newline=torch.zeros(24, dtype=torch.bool), grids=[(4, 6)])
+                          newline=torch.zeros(24, dtype=torch.bool), grids=[(4, 6)],
+                          **token_ids(torch.zeros(24, dtype=torch.bool)))
     method = attached_codebook_method(tmp_path, prototypes, Budget("retention", 0.25))
     scores = ref_scores(features, prototypes)
     assert kth_is_decisive(scores, 6)
@@ -644,8 +662,8 @@ def test_prune_visual_video_keeps_round_r_per_frame_and_records_frames(r):
     newline = torch.zeros(length, dtype=torch.bool)
     newline[-1] = True
     units = [torch.arange(f * per_frame, (f + 1) * per_frame) for f in range(frames)]
-    visual = PackedVisual(features=features, kind="video", units=units, newline=newline,
-                          grids=[(3, 3)] * frames)
+    visual = PackedVisual(features=features, kind="video", units=units, newline=newline, grids=[(3, 3)] * frames,
+                          **token_ids(newline, torch.arange(length) // per_frame))
     method = build_method("random", Budget("retention", r), seed=0)
     out, records = prune_visual(visual, method, key="doc", log_keep=True)
     k = max(1, round(r * per_frame))
@@ -660,3 +678,43 @@ def test_prune_visual_video_keeps_round_r_per_frame_and_records_frames(r):
     # frames are seeded by their own keys, so the same keep lists come back on a second call
     _, again = prune_visual(visual, method, key="doc", log_keep=True)
     assert [rec.keep for rec in again] == [rec.keep for rec in records]
+
+
+# --------------------------------------------------------------------------------------------------
+# Every method: one call over a ragged batch of units picks what one unit at a time picks
+# --------------------------------------------------------------------------------------------------
+
+def ragged_units(method, sizes=(16, 9, 25, 4)) -> list[VisualUnit]:
+    """Units of different sizes (square grids), with random data for each vision need of ``method``."""
+    generator = torch.Generator().manual_seed(0)
+    units = []
+    for index, n in enumerate(sizes):
+        data = {need: torch.rand(1, n, *((6,) if need.kind in ("hidden", "keys") else ()), generator=generator)
+                for need in method.vision_needs()}
+        units.append(VisualUnit(torch.randn(n, 6, generator=generator), key=f"u{index}", grid=(math.isqrt(n),) * 2,
+                                tiles=torch.zeros(n, dtype=torch.long), patches=torch.arange(n),
+                                vision={need: d[0] for need, d in data.items()}, tile_vision=data))
+    return units
+
+
+@pytest.mark.parametrize("case", method_cases().values(), ids=lambda case: case["method"])
+def test_every_method_selects_a_ragged_batch_as_it_selects_one_unit_at_a_time(case, tmp_path):
+    from lmms_eval_redundancy.core.budget import parse_budget
+    from lmms_eval_redundancy.core.registry import Stage, method_class
+
+    if method_class(case["method"]).stage is not Stage.BEFORE_LLM:
+        pytest.skip("chooses inside the LLM")
+    args = {k: v for k, v in with_files(case, write_codebook(tmp_path, torch.randn(5, 6))).items() if k != "anyres"}
+    name = args.pop("method")
+    budget = parse_budget(*(args.pop(key, None) for key in ("retention", "tokens", "threshold")))
+    method = build_method(name, budget, **args)
+    method.attach(SimpleNamespace(config=SimpleNamespace(text_config=SimpleNamespace(hidden_size=6),
+                                                         vision_config=SimpleNamespace(model_type="clip_vision_model"))),
+                  SimpleNamespace(vision_has_cls=True, vision_feature_layer_index=0, project=lambda states: states))
+    units = ragged_units(method)
+    together, alone = method.select_units(units), [method.select_unit(unit) for unit in units]
+    for batched, single in zip(together, alone):
+        assert batched.keep.tolist() == single.keep.tolist() and batched.floor_hit == single.floor_hit
+        assert (batched.merged is None) == (single.merged is None)
+        if batched.merged is not None:
+            assert torch.equal(batched.merged, single.merged) and torch.equal(batched.merged_after, single.merged_after)

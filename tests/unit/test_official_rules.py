@@ -10,9 +10,8 @@ import torch
 
 from lmms_eval_redundancy.codebook.store import Codebook, save_codebook
 from lmms_eval_redundancy.core.budget import Budget
-from lmms_eval_redundancy.core.registry import MethodError
-from lmms_eval_redundancy.core.visuals import VisualUnit
-from lmms_eval_redundancy.methods import build_method
+from lmms_eval_redundancy.core.registry import MethodError, build_method
+from lmms_eval_redundancy.core.visuals import VisionNeed, VisualUnit
 from lmms_eval_redundancy.methods.codebook import keep_strictly_below_cut
 
 
@@ -73,17 +72,26 @@ def full_view_reference(view_scores: list[float], view_patches: list[int], k: in
     return [j for j, patch in enumerate(view_patches) if patch in picks]
 
 
+def attached_fastervlm(budget: Budget, **params):
+    """FasterVLM bound to a CLIP tower (a [CLS] token) without loading a model."""
+    method = build_method("fastervlm", budget, **params)
+    method.attach(SimpleNamespace(config=SimpleNamespace(vision_config=SimpleNamespace(model_type="clip_vision_model"))),
+                  SimpleNamespace(vision_has_cls=True, vision_feature_layer_index=0))
+    return method
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_fastervlm_full_view_rule_equals_the_official_reference(seed):
     generator = torch.Generator().manual_seed(seed)
     view_scores = torch.rand(16, generator=generator)
     view_scores[5] = view_scores[2]  # a tie
     view_patches = torch.tensor([0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14])  # the last column was padding
-    unit = VisualUnit(torch.randn(12, 4, generator=generator), key="k", scores=view_scores[view_patches],
-                      view_scores=view_scores, view_patches=view_patches)
-    official = build_method("fastervlm", Budget("tokens", 5), per_view_topk="full_view").select_unit(unit)
+    need = VisionNeed("cls_attention")
+    unit = VisualUnit(torch.randn(12, 4, generator=generator), key="k", tiles=torch.zeros(12, dtype=torch.long),
+                      patches=view_patches, vision={need: view_scores[view_patches]}, tile_vision={need: view_scores[None]})
+    official = attached_fastervlm(Budget("tokens", 5), per_view_topk="full_view").select_unit(unit)
     assert official.keep.tolist() == full_view_reference(view_scores.tolist(), view_patches.tolist(), 5)
-    default = build_method("fastervlm", Budget("tokens", 5)).select_unit(unit)
+    default = attached_fastervlm(Budget("tokens", 5)).select_unit(unit)
     assert len(default.keep) == 5 and len(official.keep) <= 5
 
 

@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
+from conftest import codebook_keep
 
 from lmms_eval_redundancy.core.budget import Budget
-from lmms_eval_redundancy.core.registry import MethodError
+from lmms_eval_redundancy.core.registry import MethodError, build_method
 from lmms_eval_redundancy.core.visuals import VisualUnit
-from lmms_eval_redundancy.methods import build_method, codebook, pooling
+from lmms_eval_redundancy.methods import codebook, pooling
 
 
 def test_pooling_averages_blocks_in_raster_order():
@@ -32,7 +33,8 @@ def test_pooled_grid_is_closest_to_the_budget_with_the_same_aspect(k, shape):
 def test_pooling_method_replaces_a_unit_and_refuses_packed_anyres():
     method = build_method("pooling", Budget("tokens", 4))
     selection = method.select_unit(VisualUnit(torch.randn(16, 3), key="k", grid=(4, 4)))
-    assert selection.keep.tolist() == [0, 1, 2, 3] and selection.features.shape == (4, 3)
+    assert selection.keep.tolist() == [] and selection.merged.shape == (4, 3)  # recorded as merged, not kept
+    assert selection.merged_after.tolist() == [0, 1, 2, 3]
     with pytest.raises(MethodError, match="anyres=base_only"):
         method.select_unit(VisualUnit(torch.randn(20, 3), key="k", grid=None))
 
@@ -50,10 +52,10 @@ def double_softmax_reference(features, prototypes, r):
 
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("r", [0.1, 0.25, 0.5])
-def test_double_softmax_equals_plain_reference(seed, r):
+def test_double_softmax_equals_plain_reference(seed, r, tmp_path):
     generator = torch.Generator().manual_seed(seed)
     features, prototypes = torch.randn(30, 6, generator=generator), torch.randn(7, 6, generator=generator)
-    keep = codebook.select(features, prototypes, retention=r, variant="double_softmax")
+    keep = codebook_keep(tmp_path, features, prototypes, Budget("retention", r), variant="double_softmax")
     assert keep.tolist() == double_softmax_reference(features, prototypes, r)
 
 

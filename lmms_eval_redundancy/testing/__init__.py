@@ -1,1 +1,0 @@
-"""Checkpoints and configs built locally for tests and benchmarks (no download)."""

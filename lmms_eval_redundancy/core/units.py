@@ -49,6 +49,7 @@ def apply_selections(visual: PackedVisual, positions: list[torch.Tensor], select
     Kept tokens stay in their original order; merged tokens go where their selection places them
     (vision-space ones through ``project``, the family's projector).
     """
+    keep_newlines = keep_newlines and not any(selection.drop_newlines for selection in selections)
     keep_mask = visual.newline.clone() if keep_newlines else torch.zeros_like(visual.newline)
     newlines_before = int(visual.newline.sum())
     merged_tokens, merged_slots, records = [], [], []

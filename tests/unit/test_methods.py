@@ -684,13 +684,21 @@ def test_prune_visual_video_keeps_round_r_per_frame_and_records_frames(r):
 # Every method: one call over a ragged batch of units picks what one unit at a time picks
 # --------------------------------------------------------------------------------------------------
 
+def need_shape(need) -> tuple[int, ...]:
+    """Per-patch shape of a vision need's data in these tests (width 6, two heads of width 3)."""
+    if need.kind in ("hidden", "cls_hidden"):
+        return (6,)
+    if need.kind == "keys":
+        return (2, 3) if need.per_head else (6,)
+    return (2,) if need.per_head else ()
+
+
 def ragged_units(method, sizes=(16, 9, 25, 4)) -> list[VisualUnit]:
     """Units of different sizes (square grids), with random data for each vision need of ``method``."""
     generator = torch.Generator().manual_seed(0)
     units = []
     for index, n in enumerate(sizes):
-        data = {need: torch.rand(1, n, *((6,) if need.kind in ("hidden", "keys") else ()), generator=generator)
-                for need in method.vision_needs()}
+        data = {need: torch.rand(1, n, *need_shape(need), generator=generator) for need in method.vision_needs()}
         units.append(VisualUnit(torch.randn(n, 6, generator=generator), key=f"u{index}", grid=(math.isqrt(n),) * 2,
                                 tiles=torch.zeros(n, dtype=torch.long), patches=torch.arange(n),
                                 vision={need: d[0] for need, d in data.items()}, tile_vision=data))

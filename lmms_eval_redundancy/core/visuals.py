@@ -63,6 +63,8 @@ class VisualUnit:
     the token grid when the unit is a plain raster (``None`` for packed anyres sequences). ``tiles`` and
     ``patches`` are each token's tile and patch; ``vision`` the requested vision-tower data of each token
     (``[N, ...]``), ``tile_vision`` that data for every patch of every tile of the unit's image or video.
+    ``sample`` is the index of the unit's sample in the batch, ``text`` that sample's prompt text when the
+    pipeline was given it (methods conditioned on the instruction read it).
     """
 
     features: torch.Tensor
@@ -72,6 +74,8 @@ class VisualUnit:
     patches: torch.Tensor | None = None
     vision: dict[VisionNeed, torch.Tensor] = field(default_factory=dict)
     tile_vision: dict[VisionNeed, torch.Tensor] = field(default_factory=dict)
+    sample: int = 0
+    text: str | None = None
 
 
 @dataclass

@@ -712,13 +712,16 @@ def test_every_method_selects_a_ragged_batch_as_it_selects_one_unit_at_a_time(ca
 
     if method_class(case["method"]).stage is not Stage.BEFORE_LLM:
         pytest.skip("chooses inside the LLM")
+    if "clip_text" in case:
+        pytest.skip("needs a CLIP checkpoint matching a real tower: tests/integration/test_cdpruner.py batches it")
     args = {k: v for k, v in with_files(case, write_codebook(tmp_path, torch.randn(5, 6))).items() if k != "anyres"}
     name = args.pop("method")
     budget = parse_budget(*(args.pop(key, None) for key in ("retention", "tokens", "threshold")))
     method = build_method(name, budget, **args)
     method.attach(SimpleNamespace(config=SimpleNamespace(text_config=SimpleNamespace(hidden_size=6),
                                                          vision_config=SimpleNamespace(model_type="clip_vision_model"))),
-                  SimpleNamespace(vision_has_cls=True, vision_feature_layer_index=0, project=lambda states: states))
+                  SimpleNamespace(vision_has_cls=True, vision_feature_layer_index=0, project=lambda states: states,
+                                  vision_encoder_layers=[None] * 2))
     units = ragged_units(method)
     together, alone = method.select_units(units), [method.select_unit(unit) for unit in units]
     for batched, single in zip(together, alone):

@@ -24,6 +24,12 @@ without [CLS] (SigLIP, not supported officially) picks ``d`` patches by the scor
 (54/10, 108/20, 162/30, 27/5 for 64/128/192/32). ``official_crop_layout`` reproduces the official LLaVA-NeXT
 layout of the crops (dominant patches on the stitched crop grid, then the crops' [CLS] tokens, then their
 contextual tokens; no unpadding, no newlines).
+
+The method (``VisionZip``) applies the rule to every view of an image (base view and crops, each on all its
+patches) with the image's budget split evenly over them (``methods.views``); kept dominant patches stay at their
+packed positions, the [CLS] and contextual tokens are new vision-space rows that the family projects (recorded
+as merged): one view gives the official order, several views end with each view's [CLS] and contextual tokens,
+or (``layout=official``) follow the official LLaVA-NeXT layout. SigLIP towers score by mean received attention.
 """
 
 from __future__ import annotations
@@ -34,8 +40,18 @@ from dataclasses import dataclass
 import torch
 
 from lmms_eval_redundancy.core.registry import MethodError, choice_param, register
-from lmms_eval_redundancy.methods.base import BeforeLLM, Selection, VisionNeed, VisualUnit
-from lmms_eval_redundancy.methods.views import positions_of, stitched_placement, unit_views, view_counts
+from lmms_eval_redundancy.methods.base import (
+    BeforeLLM,
+    Selection,
+    VisionNeed,
+    VisualUnit,
+)
+from lmms_eval_redundancy.methods.views import (
+    positions_of,
+    stitched_placement,
+    unit_views,
+    view_counts,
+)
 
 
 @dataclass
@@ -263,9 +279,9 @@ class VisionZip(BeforeLLM):
         the dominant patches at their packed positions, then each view's [CLS] and contextual tokens, or
         (``layout=official``) in the official LLaVA-NeXT order without newline tokens."""
         offset, last = int(self.has_cls), unit.features.shape[0] - 1
-        head = lambda m: m.tokens[:offset]  # noqa: E731
-        tail = lambda m: m.tokens[offset + m.dominant.numel():]  # noqa: E731
-        slots = lambda count, after: torch.full((count,), after, dtype=torch.long, device=unit.features.device)  # noqa: E731
+        head = lambda m: m.tokens[:offset]
+        tail = lambda m: m.tokens[offset + m.dominant.numel():]
+        slots = lambda count, after: torch.full((count,), after, dtype=torch.long, device=unit.features.device)
         keep = [positions_of(unit, tile, m.dominant) for tile, m in views]
         official = self.params.layout == "official" and len(views) > 1
         if len(views) == 1:

@@ -28,6 +28,11 @@ leave ``T - 1`` tokens); ``official_odd_broadcast=True`` reproduces it.
 crops stitched into one grid, optionally unpadded (LLaVA's integer rule) with an always-kept newline
 column. At aefa01ad the official code strips ``_unpad`` from ``mm_patch_merge_type`` before it tests for
 it (llava_arch.py 207), so the branch that runs is ``unpad=False`` (no unpadding, no newlines).
+
+The method (``VisPruner``) applies the rule to every view of an image (each on all its patches) with the
+image's budget split evenly over them (``methods.views``): picks stay at their packed positions (those in the
+padding drop out), or (``layout=official``) follow that official layout, picks in the padding projected from
+their vision states. SigLIP towers score by mean received attention at the layer LLaVA reads.
 """
 
 from __future__ import annotations
@@ -38,8 +43,18 @@ from dataclasses import dataclass
 import torch
 
 from lmms_eval_redundancy.core.registry import MethodError, choice_param, register
-from lmms_eval_redundancy.methods.base import BeforeLLM, Selection, VisionNeed, VisualUnit
-from lmms_eval_redundancy.methods.views import positions_of, stitched_placement, unit_views, view_counts
+from lmms_eval_redundancy.methods.base import (
+    BeforeLLM,
+    Selection,
+    VisionNeed,
+    VisualUnit,
+)
+from lmms_eval_redundancy.methods.views import (
+    positions_of,
+    stitched_placement,
+    unit_views,
+    view_counts,
+)
 
 ROUND_CAP = 8  # official per-round cap on removed duplicates
 

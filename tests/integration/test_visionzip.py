@@ -6,7 +6,9 @@ import pytest
 import torch
 from conftest import image, requests_for
 from transformers import AutoModelForImageTextToText
-from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+from transformers.models.llava_next.modeling_llava_next import (
+    get_anyres_image_grid_shape,
+)
 
 from lmms_eval_redundancy.lmms.model import LlavaRedundancy
 from lmms_eval_redundancy.methods import visionzip

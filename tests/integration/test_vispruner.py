@@ -6,7 +6,9 @@ import pytest
 import torch
 from conftest import image, requests_for
 from transformers import AutoModelForImageTextToText
-from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+from transformers.models.llava_next.modeling_llava_next import (
+    get_anyres_image_grid_shape,
+)
 
 from lmms_eval_redundancy.lmms.model import LlavaRedundancy
 from lmms_eval_redundancy.methods import vispruner
@@ -38,7 +40,7 @@ def image_tokens(w: LlavaRedundancy, img):
 def test_one_view_keeps_the_rules_picks(tiny_models, family, anyres):
     w = LlavaRedundancy(pretrained=str(tiny_models[family]), device="cpu", method="vispruner", tokens=7, anyres=anyres,
                         log_keep_indices=True)
-    inputs, tokens, pruned = image_tokens(w, image(32, 32, 5))
+    inputs, _, pruned = image_tokens(w, image(32, 32, 5))
     pixels = inputs["pixel_values"].reshape(-1, *inputs["pixel_values"].shape[-3:])[:1]
     (picks,), _, _ = eager_views(tiny_models[family], pixels, w.engine.family.vision_has_cls, 7)
     (record,) = pruned.records[0]

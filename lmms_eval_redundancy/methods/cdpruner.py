@@ -44,6 +44,7 @@ from lmms_eval_redundancy.methods.base import (
     VisionNeed,
     VisualUnit,
 )
+from lmms_eval_redundancy.methods.views import positions_of, unit_views, view_counts
 
 SEGMENT_LENGTH = 77  # CLIP text positions (max_position_embeddings)
 PLACEHOLDERS = ("<image>", "<video>")
@@ -173,7 +174,9 @@ def load_clip_text(source: str, vision_width: int, device) -> tuple:
 
 @register
 class CDPruner(BeforeLLM):
-    """The conditional DPP; relevance is computed once per sample over all of that sample's units."""
+    """The conditional DPP per view (each anyres view, image or frame), among all its patches, padding included,
+    the unit's budget split evenly over its views (``views.view_counts``); relevance is min-max normalised once
+    per sample over every view of that sample's units. Picks in unpadded-away patches are dropped."""
 
     name = "cdpruner"
     needs_cls = True
@@ -199,6 +202,7 @@ class CDPruner(BeforeLLM):
         self.text_model, self.tokenizer, self.joint = load_clip_text(self.params.clip_text, tower.hidden_size, model.device)
         self.need = VisionNeed("hidden")
         self.layer = family.vision_feature_layer_index
+        self.project = family.project
 
     def vision_needs(self) -> tuple[VisionNeed, ...]:
         return (self.need,)
@@ -217,18 +221,36 @@ class CDPruner(BeforeLLM):
     def select_unit(self, unit: VisualUnit) -> Selection:
         return self.select_units([unit])[0]
 
+    def view_features(self, unit: VisualUnit, tile: int) -> torch.Tensor:
+        """The LLM-input tokens of every patch of a view ``[P, D]``: the unit's own where it has them, the
+        projector's output of the view's vision states for the patches unpadding removed."""
+        states = unit.tile_vision[self.need][tile]
+        positions = torch.nonzero(unit.tiles == tile).flatten()
+        present = unit.patches[positions]
+        if present.numel() == states.shape[0]:
+            return unit.features[positions[torch.argsort(present)]]
+        features = self.project(states).to(unit.features.dtype)
+        features[present] = unit.features[positions]
+        return features
+
     def select_units(self, units: list[VisualUnit]) -> list[Selection]:
-        """Relevance per sample (min-max over its units), then one greedy loop over every unit of the batch."""
+        """Relevance per sample (min-max over all its views), then one greedy loop over every view of the batch."""
         if not units:
             return []
-        scores: list[torch.Tensor | None] = [None] * len(units)
+        views = [(index, tile) for index, unit in enumerate(units) for tile in unit_views(unit)]
+        scores: dict[tuple[int, int], torch.Tensor] = {}
         for sample in dict.fromkeys(unit.sample for unit in units):
-            members = [i for i, unit in enumerate(units) if unit.sample == sample]
-            text = instruction_text(units[members[0]].text or "")
+            members = [view for view in views if units[view[0]].sample == sample]
+            text = instruction_text(units[members[0][0]].text or "")
             log.debug("cdpruner instruction of sample %d: %r", sample, text)
-            embeds = [self.joint(units[i].vision[self.need].float()) for i in members]
-            for i, relevance_of_unit in zip(members, relevance(embeds, self.text_embeds(text), self.params.theta)):
-                scores[i] = relevance_of_unit
+            embeds = [self.joint(units[index].tile_vision[self.need][tile].float()) for index, tile in members]
+            scores.update(zip(members, relevance(embeds, self.text_embeds(text), self.params.theta)))
+        ks = [k for unit in units
+              for k in view_counts(self.budget, len(unit_views(unit)), unit.tile_vision[self.need].shape[1])]
         dtype = torch.float32 if self.params.precision == "float32" else units[0].features.dtype
-        ks = [self.budget.keep_count(unit.features.shape[0]) for unit in units]
-        return [Selection(keep) for keep in select_batch([unit.features for unit in units], scores, ks, dtype)]
+        picks = select_batch([self.view_features(units[index], tile) for index, tile in views],
+                             [scores[view] for view in views], ks, dtype)
+        kept: list[list[torch.Tensor]] = [[] for _ in units]
+        for (index, tile), chosen in zip(views, picks):
+            kept[index].append(positions_of(units[index], tile, chosen))
+        return [Selection(torch.cat(positions).sort().values) for positions in kept]

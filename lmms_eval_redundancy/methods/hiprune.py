@@ -45,6 +45,7 @@ from lmms_eval_redundancy.methods.base import (
     VisionNeed,
     VisualUnit,
 )
+from lmms_eval_redundancy.methods.views import positions_of, unit_views, view_counts
 
 ALPHA = 0.1
 OFFICIAL_TOWER_LAYERS = 24  # CLIP-L/336, where the object layer 9 was set
@@ -139,15 +140,11 @@ def default_object_layer(tower_layers: int) -> int:
     return max(1, round(tower_layers * OBJECT_LAYER / OFFICIAL_TOWER_LAYERS))
 
 
-def split_evenly(budget: int, parts: int) -> list[int]:
-    """``budget`` over ``parts``: ``budget // parts`` each, the remainder one each to the first parts."""
-    return [budget // parts + (part < budget % parts) for part in range(parts)]
-
-
 @register
 class HiPrune(BeforeLLM):
     """Each view of a unit (the image, each anyres view in it, or a frame) is selected on its full patch grid,
-    with the unit's budget split evenly over its views; picks in unpadded-away patches are dropped."""
+    padding included, with the unit's budget split evenly over its views (``views.view_counts``); picks in
+    unpadded-away patches are dropped."""
 
     name = "hiprune"
 
@@ -189,16 +186,15 @@ class HiPrune(BeforeLLM):
         """Every view of every unit in one ``select_batch`` call."""
         views, object_scores, deep_scores, ks = [], [], [], []
         for index, unit in enumerate(units):
-            tiles = unit.tiles.unique().tolist()
-            budgets = split_evenly(self.budget.keep_count(unit.features.shape[0]), len(tiles))
-            for tile, k in zip(tiles, budgets):
+            tiles = unit_views(unit)
+            patches = unit.tile_vision[self.deep_need].shape[1]
+            for tile, k in zip(tiles, view_counts(self.budget, len(tiles), patches)):
                 views.append((index, tile))
                 object_scores.append(unit.tile_vision[self.object_need][tile])
                 deep_scores.append(unit.tile_vision[self.deep_need][tile])
                 ks.append(k)
         picks = select_batch(object_scores, deep_scores, ks, self.params.alpha, self.params.buffer) if units else []
-        keep = [torch.zeros(unit.features.shape[0], dtype=torch.bool, device=unit.features.device) for unit in units]
+        kept: list[list[torch.Tensor]] = [[] for _ in units]
         for (index, tile), chosen in zip(views, picks):
-            unit = units[index]
-            keep[index] |= (unit.tiles == tile) & torch.isin(unit.patches, chosen)
-        return [Selection(torch.nonzero(mask).flatten()) for mask in keep]
+            kept[index].append(positions_of(units[index], tile, chosen))
+        return [Selection(torch.cat(positions).sort().values) for positions in kept]

@@ -182,3 +182,32 @@ def test_official_restore_cases(case, tensors):
     layout = visionzip.official_crop_layout(tensors[inputs["image_feature"]], dominant, settings["width"],
                                             settings["height"], settings["feature_side"])
     assert torch.equal(layout, tensors[case["expected_tensors"]["image_feature_select"]])
+
+
+def test_dominant_and_contextual_set_the_split_and_clashes_are_refused():
+    from types import SimpleNamespace
+
+    from lmms_eval_redundancy.core.budget import KEEP_ALL, Budget
+    from lmms_eval_redundancy.core.registry import MethodError, build_method
+    from lmms_eval_redundancy.core.visuals import VisualUnit
+
+    def kept(budget, **params):
+        method = build_method("visionzip", budget, **params)
+        method.attach(SimpleNamespace(config=SimpleNamespace(vision_config=SimpleNamespace(model_type="clip_vision_model"))),
+                      SimpleNamespace(vision_has_cls=True, vision_feature_layer_index=0))
+        generator = torch.Generator().manual_seed(0)
+        data = {need: torch.rand(1, 16, *{"hidden": (6,), "cls_hidden": (6,), "keys": (2, 3)}.get(need.kind, (2,)),
+                                 generator=generator) for need in method.vision_needs()}
+        unit = VisualUnit(torch.randn(16, 6, generator=generator), key="u", tiles=torch.zeros(16, dtype=torch.long),
+                          patches=torch.arange(16), vision={need: d[0] for need, d in data.items()}, tile_vision=data)
+        (selection,) = method.select_units([unit])
+        return selection.keep.numel(), selection.merged.shape[0]
+
+    # (kept patches, new tokens): split_budget(8) = (7, 1) keeps 6 patches, adds [CLS] and 1 contextual token
+    assert kept(Budget("tokens", 8)) == (6, 2)
+    assert kept(Budget("tokens", 8), contextual=3) == (4, 4)
+    assert kept(KEEP_ALL, dominant=6, contextual=2) == (5, 3)
+    with pytest.raises(MethodError, match="give only one of them"):
+        kept(Budget("tokens", 8), dominant=6, contextual=3)
+    with pytest.raises(MethodError, match="needs a budget"):
+        build_method("visionzip", KEEP_ALL, dominant=6)

@@ -27,6 +27,11 @@ Quirks and options:
 - The official min-max spans the whole forward batch (batch 1 officially); the project calls
   ``relevance`` once per sample, over that sample's views.
 - ``k >= N`` keeps every patch (the official code would repeat index 0).
+
+The registered method (``CDPruner``) loads the text tower, its tokenizer and the vision checkpoint's
+post-layernorm and visual projection from ``clip_text=`` (refusing a missing, non-CLIP or differently wide
+checkpoint) and reads the instruction from each sample's prompt text (``instruction_text``; a pipeline called
+without texts scores against the empty instruction).
 """
 
 from __future__ import annotations

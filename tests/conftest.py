@@ -130,8 +130,13 @@ def requests_for(wrapper, docs: list[dict], kind: str = "generate_until", task: 
 def method_cases() -> dict[str, dict]:
     """model_args of every registered method (the unpruned reference left out) on the tiny models, from what
     it declares: a count budget, ``anyres=base_only`` when it needs a token grid, file parameters marked
-    ``"<codebook>"`` (the tiny codebook)."""
-    from lmms_eval_redundancy.core.registry import UNPRUNED, file_params, method_classes
+    ``"<codebook>"`` (the tiny codebook), a ``clip_text`` parameter marked ``"<clip_text>"`` (the tiny CLIP)."""
+    from lmms_eval_redundancy.core.registry import (
+        UNPRUNED,
+        file_params,
+        method_classes,
+        param_names,
+    )
 
     cases = {}
     for cls in method_classes():
@@ -139,6 +144,8 @@ def method_cases() -> dict[str, dict]:
             continue
         budget = {"retention": 0.4} if "retention" in cls.budgets else {"tokens": 4}
         case = {"method": cls.name, **budget, **{param: "<codebook>" for param in file_params(cls.name)}}
+        if "clip_text" in param_names(cls.name):
+            case["clip_text"] = "<clip_text>"
         cases[cls.name] = {**case, "anyres": "base_only"} if cls.needs_grid else case
     return cases
 
@@ -158,8 +165,27 @@ def codebook_keep(folder: Path, features, prototypes, budget, **params):
 
 
 def with_files(args: dict, codebook: Path) -> dict:
-    """``args`` with file parameters pointing at ``codebook``."""
-    return {key: str(codebook) if value == "<codebook>" else value for key, value in args.items()}
+    """``args`` with file parameters pointing at ``codebook`` and ``clip_text`` at the tiny CLIP checkpoint."""
+    files = {"<codebook>": lambda: str(codebook), "<clip_text>": lambda: str(tiny_clip())}
+    return {key: files[value]() if value in files else value for key, value in args.items()}
+
+
+@functools.cache
+def tiny_clip(vision_width: int = 32) -> Path:
+    """A tiny CLIP checkpoint (text tower, tokenizer, visual projection) for towers ``vision_width`` wide (the
+    tiny models'), built once per test session."""
+    import tempfile
+
+    from lmms_eval_redundancy.families.tiny import build_tiny_clip
+
+    return build_tiny_clip(Path(tempfile.mkdtemp(prefix="tiny_clip_")) / "clip", vision_width)
+
+
+def supports(method: str, family: str) -> bool:
+    """Whether ``method`` runs on the tiny ``family`` model (methods needing [CLS] skip SigLIP towers)."""
+    from lmms_eval_redundancy.core.registry import method_class
+
+    return not (method_class(method).needs_cls and FAMILIES[family].tiny_tower == "siglip")
 
 
 @functools.cache

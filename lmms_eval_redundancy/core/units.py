@@ -32,12 +32,14 @@ def policy_units(visual: PackedVisual, anyres: str) -> tuple[list[torch.Tensor],
     return visual.units, visual.grids, True
 
 
-def visual_units(visual: PackedVisual, key: str, anyres: str = "full") -> tuple[list[torch.Tensor], list[VisualUnit], bool]:
-    """The positions and ``VisualUnit`` of each unit of ``policy_units``, and whether newline tokens are kept."""
+def visual_units(visual: PackedVisual, key: str, anyres: str = "full", sample: int = 0,
+                 text: str | None = None) -> tuple[list[torch.Tensor], list[VisualUnit], bool]:
+    """The positions and ``VisualUnit`` of each unit of ``policy_units`` (of batch sample ``sample``, whose
+    prompt text is ``text``), and whether newline tokens are kept."""
     positions, grids, keep_newlines = policy_units(visual, anyres)
     units = [VisualUnit(visual.features[where], key=f"{key}/{visual.kind}{index}", grid=grid, tiles=visual.tiles[where],
                         patches=visual.patches[where], vision={need: data[where] for need, data in visual.vision.items()},
-                        tile_vision=visual.tile_vision)
+                        tile_vision=visual.tile_vision, sample=sample, text=text)
              for index, (where, grid) in enumerate(zip(positions, grids))]
     return positions, units, keep_newlines
 
@@ -49,6 +51,7 @@ def apply_selections(visual: PackedVisual, positions: list[torch.Tensor], select
     Kept tokens stay in their original order; merged tokens go where their selection places them
     (vision-space ones through ``project``, the family's projector).
     """
+    keep_newlines = keep_newlines and not any(selection.drop_newlines for selection in selections)
     keep_mask = visual.newline.clone() if keep_newlines else torch.zeros_like(visual.newline)
     newlines_before = int(visual.newline.sum())
     merged_tokens, merged_slots, records = [], [], []
@@ -98,14 +101,17 @@ def place_merged(features: torch.Tensor, keep_mask: torch.Tensor, merged: list[t
 
 
 def prune_batch(samples: list[list[PackedVisual]], method, keys: list[str], anyres: str = "full",
-                log_keep: bool = False, project=None) -> list[tuple[list[torch.Tensor], list[UnitRecord], list]]:
-    """Prune every visual of every sample with one ``method.select_units`` call over all their units.
+                log_keep: bool = False, project=None,
+                texts: list[str] | None = None) -> list[tuple[list[torch.Tensor], list[UnitRecord], list]]:
+    """Prune every visual of every sample with one ``method.select_units`` call over all their units
+    (``texts``: each sample's prompt text, handed to its units).
 
     Per sample: the LLM-input tokens of each visual, the records of its units (``visual`` = index in the
     sample) and, aligned with the records, each unit's positions in its visual.
     """
-    plans = [[visual_units(visual, f"{key}/{index}", anyres) for index, visual in enumerate(sample)]
-             for sample, key in zip(samples, keys)]
+    texts = texts or [None] * len(samples)
+    plans = [[visual_units(visual, f"{key}/{index}", anyres, row, texts[row]) for index, visual in enumerate(sample)]
+             for row, (sample, key) in enumerate(zip(samples, keys))]
     selections = iter(method.select_units([unit for plan in plans for _, units, _ in plan for unit in units]))
     pruned = []
     for sample, plan in zip(samples, plans):

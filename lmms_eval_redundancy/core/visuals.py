@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-VISION_NEED_KINDS = ("hidden", "keys", "cls_attention", "received_attention")
+VISION_NEED_KINDS = ("hidden", "keys", "cls_attention", "received_attention", "cls_hidden")
 
 
 @dataclass(frozen=True)
@@ -16,11 +16,14 @@ class VisionNeed:
     ``kind``: ``hidden`` (the output of encoder layer ``layer``, before the projector, ``[C]`` per patch),
     ``keys`` (that layer's keys, heads concatenated, ``[C]``), ``cls_attention`` (the [CLS] query's head-mean
     attention probability on each patch) or ``received_attention`` (the head-mean probability each patch
-    receives, averaged over all queries). ``layer``: encoder layer index; ``None`` is the layer LLaVA reads.
+    receives, averaged over all queries) or ``cls_hidden`` (the [CLS] token's output of that layer, ``[C]``,
+    repeated for every patch of its tile). ``layer``: encoder layer index; ``None`` is the layer LLaVA reads.
+    ``per_head``: keys ``[H, d]`` and attention ``[H]`` per patch, one entry per head (no head mean).
     """
 
     kind: str
     layer: int | None = None
+    per_head: bool = False
 
 
 @dataclass
@@ -60,6 +63,8 @@ class VisualUnit:
     the token grid when the unit is a plain raster (``None`` for packed anyres sequences). ``tiles`` and
     ``patches`` are each token's tile and patch; ``vision`` the requested vision-tower data of each token
     (``[N, ...]``), ``tile_vision`` that data for every patch of every tile of the unit's image or video.
+    ``sample`` is the index of the unit's sample in the batch, ``text`` that sample's prompt text when the
+    pipeline was given it (methods conditioned on the instruction read it).
     """
 
     features: torch.Tensor
@@ -69,6 +74,8 @@ class VisualUnit:
     patches: torch.Tensor | None = None
     vision: dict[VisionNeed, torch.Tensor] = field(default_factory=dict)
     tile_vision: dict[VisionNeed, torch.Tensor] = field(default_factory=dict)
+    sample: int = 0
+    text: str | None = None
 
 
 @dataclass
@@ -78,6 +85,7 @@ class Selection:
     ``merged`` are new tokens ``[M, C]``: LLM inputs (``merged_space="llm"``) or vision-tower states that the
     family's projector turns into LLM inputs (``"vision"``). Merged token ``j`` is placed right after unit
     token ``merged_after[j]`` (-1: before the unit's first token), whether or not that token is kept.
+    ``drop_newlines``: the visual's newline tokens are dropped (a layout without them).
     """
 
     keep: torch.Tensor
@@ -85,6 +93,7 @@ class Selection:
     merged: torch.Tensor | None = None
     merged_after: torch.Tensor | None = None
     merged_space: str = "llm"
+    drop_newlines: bool = False  # True: the visual loses its newline tokens (official layouts without them)
 
 
 @dataclass

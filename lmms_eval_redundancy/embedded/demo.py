@@ -26,6 +26,7 @@ from lmms_eval_redundancy.core.registry import (
     available_methods,
     file_params,
     method_class,
+    param_names,
 )
 from lmms_eval_redundancy.embedded.shapes_codebook import CODEBOOK
 from lmms_eval_redundancy.embedded.tasks import data_stamp, write_local_tasks
@@ -44,8 +45,21 @@ def inputs_stamp() -> str:
     return digest.hexdigest()[:12]
 
 
-def method_entries() -> list[dict]:
-    """One sweep entry per registered method, from what it declares: its budgets, file parameters, grid need."""
+def shapes_clip_text(folder: Path) -> Path:
+    """A seeded tiny CLIP text tower (and visual projection) as wide as the shapes model's vision tower, built into
+    ``folder``: the shapes tower has no CLIP text tower of its own, so ``cdpruner``'s relevance term on it is
+    uninformative (random text and projection weights); its similarity term is the model's own."""
+    from transformers import AutoConfig
+
+    from lmms_eval_redundancy.families.tiny import build_tiny_clip
+
+    width = AutoConfig.from_pretrained(str(BUILTIN / "shapes")).vision_config.hidden_size
+    return build_tiny_clip(folder, vision_width=width)
+
+
+def method_entries(clip_text: Path | None = None) -> list[dict]:
+    """One sweep entry per registered method, from what it declares: its budgets, file parameters, grid need,
+    a ``clip_text`` checkpoint (``clip_text``)."""
     thresholds = json.loads(load_codebook(CODEBOOK).meta["thresholds"])
     entries = []
     for name in available_methods():
@@ -56,6 +70,8 @@ def method_entries() -> list[dict]:
         if "threshold" in cls.budgets:
             budgets["threshold"] = thresholds
         entry = {"method": name, **{param: str(CODEBOOK) for param in file_params(name)}}
+        if "clip_text" in param_names(name):
+            entry["clip_text"] = str(clip_text)
         if cls.needs_grid:
             entry["anyres"] = "base_only"  # the model's single images are anyres; one token grid is the base view
         entries.append({**entry, "budgets": budgets})
@@ -63,11 +79,12 @@ def method_entries() -> list[dict]:
 
 
 def sweep_spec(runs_dir: Path, tasks_dir: Path, batch_size: int) -> dict:
-    """The sweep of the main job: every method at ``RETENTIONS``, threshold budgets at the codebook's thresholds."""
+    """The sweep of the main job: every method at ``RETENTIONS``, threshold budgets at the codebook's thresholds
+    (``cdpruner`` with the tiny CLIP of ``shapes_clip_text``, built beside ``tasks_dir``)."""
     return {
         "output": str(runs_dir),
         "models": [{"pretrained": "builtin:shapes", "name": "shapes"}],
-        "methods": method_entries(),
+        "methods": method_entries(shapes_clip_text(tasks_dir.parent / "clip_text")),
         "tasks": [TASKS],
         "include_path": str(tasks_dir),
         "lmms_eval": {"batch_size": batch_size},

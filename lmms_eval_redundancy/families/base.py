@@ -128,6 +128,8 @@ class Family:
 
     def patch_data(self, need: VisionNeed, data: torch.Tensor) -> torch.Tensor:
         """``[tiles, patches, ...]``: one tower forward's data of ``need`` without the [CLS] position."""
+        if need.kind == "cls_hidden":  # the [CLS] state, repeated for every patch of its tile
+            return data[:, :1].expand(-1, data.shape[1] - 1, -1)
         return data[:, 1:] if self.vision_has_cls and need.kind != "cls_attention" else data
 
     # ---- vision-tower needs ------------------------------------------------------------------------
@@ -146,12 +148,14 @@ class Family:
         timing = (lambda device: stopwatch.timing(device)) if stopwatch else (lambda device: contextlib.nullcontext())
         for index, layer_needs in by_layer.items():
             layer = self.vision_encoder_layers[index]
-            attention_needs = [n for n in layer_needs if n.kind != "hidden"]
+            attention_needs = [n for n in layer_needs if n.kind not in ("hidden", "cls_hidden")]
             if attention_needs:
                 handles.append(layer.self_attn.register_forward_pre_hook(
                     self._attention_hook(attention_needs, captured, timing), with_kwargs=True))
             for need in layer_needs:
-                if need.kind == "hidden":
+                if need.kind == "cls_hidden" and not self.vision_has_cls:
+                    raise FamilyError(f"{type(self.model.model.vision_tower).__name__} has no [CLS] token")
+                if need.kind in ("hidden", "cls_hidden"):
                     handles.append(layer.register_forward_hook(
                         lambda module, args, output, need=need: captured[need].append(
                             output[0] if isinstance(output, tuple) else output)))
@@ -175,11 +179,15 @@ class Family:
                 probs = None
                 for need in needs:
                     if need.kind == "keys":
-                        captured[need].append(keys.transpose(1, 2).flatten(2))
+                        per_head = keys.transpose(1, 2)  # [B, T, H, d]
+                        captured[need].append(per_head if need.per_head else per_head.flatten(2))
                         continue
                     if probs is None and any(n.kind != "keys" for n in needs):
                         probs = torch.softmax((query.float() @ keys.float().transpose(-1, -2)) * scale, dim=-1)
-                    if need.kind == "cls_attention":
+                    if need.per_head:  # [B, patches, H]
+                        rows = probs[:, :, 0, 1:] if need.kind == "cls_attention" else probs.mean(dim=2)
+                        captured[need].append(rows.transpose(1, 2))
+                    elif need.kind == "cls_attention":
                         captured[need].append(probs[:, :, 0, 1:].mean(dim=1))
                     else:
                         captured[need].append(probs.mean(dim=(1, 2)))

@@ -7,7 +7,14 @@ saves a checkpoint with ``save_pretrained`` so that it loads back through ``from
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -138,3 +145,36 @@ def real_geometry_config(name: str, text_layers: int = 1, vision_layers: int = 2
                                 video_token_id=151647, image_grid_pinpoints=ONEVISION_PINPOINTS,
                                 vision_feature_layer=-1, vision_feature_select_strategy="full",
                                 vision_aspect_ratio="anyres_max_9")
+
+
+CLIP_WORDS = [*WORDS, "it"]
+
+
+def build_tiny_clip(out_dir, vision_width: int, seed: int = 0, projection_dim: int = 16):
+    """Save a random tiny CLIP checkpoint (text tower, tokenizer, a one-layer vision tower of width
+    ``vision_width`` for its post-layernorm and visual projection) to ``out_dir``; the text config keeps
+    CLIP's legacy ``eos_token_id=2`` (pooling at the largest token id, the end-of-text token here)."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
+
+    special = ["<|pad|>", "<|unk|>"]
+    vocab = {tok: i for i, tok in enumerate(special + CLIP_WORDS + ["<|startoftext|>", "<|endoftext|>"])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    core.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>",
+        special_tokens=[(t, vocab[t]) for t in ("<|startoftext|>", "<|endoftext|>")])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<|pad|>", unk_token="<|unk|>",
+                                        bos_token="<|startoftext|>", eos_token="<|endoftext|>")
+    text = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=77, projection_dim=projection_dim,
+                          pad_token_id=0, bos_token_id=vocab["<|startoftext|>"], eos_token_id=2)
+    vision = CLIPVisionConfig(hidden_size=vision_width, intermediate_size=2 * vision_width, num_hidden_layers=1,
+                              num_attention_heads=4, image_size=32, patch_size=8, projection_dim=projection_dim)
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                 projection_dim=projection_dim)).eval()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

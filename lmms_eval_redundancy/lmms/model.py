@@ -256,7 +256,8 @@ class LlavaRedundancy(lmms):
             n_frame_images.append(len(frame_images))
             keys.append(f"{task}/{split}/{doc_id}")
         inputs = self.engine.processor_inputs(prompts, images, videos)
-        batch, records = self.engine.prune(inputs, n_images, n_videos, keys, n_frame_images)
+        batch, records = self.engine.prune(inputs, n_images, n_videos, keys, n_frame_images,
+                                           texts=[context for context, *_ in requests_args])
         return prompts, batch, records
 
     def _log_records(self, request: str, requests_args, batch, records, meter: BatchMeter, cache=None) -> None:

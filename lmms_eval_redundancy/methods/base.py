@@ -43,6 +43,7 @@ class PruningMethod:
     budgets: typing.ClassVar[tuple[str, ...]] = ("retention", "tokens")
     Params: typing.ClassVar[type] = NoParams
     needs_grid: typing.ClassVar[bool] = False  # True: units must be plain token grids (not packed anyres views)
+    needs_cls: typing.ClassVar[bool] = False  # True: only vision towers with a [CLS] token (CLIP, not SigLIP)
     selection: Stopwatch = field(default_factory=Stopwatch)  # time spent choosing tokens in the current batch
     _hooks: list = field(default_factory=list)
 

@@ -89,19 +89,21 @@ class PruningEngine:
         return inputs
 
     def prune(self, inputs, images_per_sample: list[int], videos_per_sample: list[int], keys: list[str],
-              frames_as_images: list[int] | None = None) -> tuple[SplicedBatch, list[list[UnitRecord]]]:
+              frames_as_images: list[int] | None = None,
+              texts: list[str] | None = None) -> tuple[SplicedBatch, list[list[UnitRecord]]]:
         """Pruned, re-padded LLM inputs for a processed batch and the token records of each sample: the
         ``pipeline`` without gradients."""
-        pruned = self.pipeline(inputs, images_per_sample, videos_per_sample, keys, frames_as_images)
+        pruned = self.pipeline(inputs, images_per_sample, videos_per_sample, keys, frames_as_images, texts=texts)
         return pruned.batch, pruned.records
 
     def pipeline(self, inputs, images_per_sample: list[int], videos_per_sample: list[int], keys: list[str],
-                 frames_as_images: list[int] | None = None, grad: bool = False) -> Pruned:
+                 frames_as_images: list[int] | None = None, grad: bool = False, texts: list[str] | None = None) -> Pruned:
         """Encode, score, select, splice: the one path from processor outputs to LLM inputs.
 
         ``keys`` name the samples (random choices are seeded by them); ``frames_as_images[b]`` counts the
         trailing images of sample ``b`` that are video frames (families without video input): they are
-        recorded as frames. ``grad=True`` keeps the autograd graph (training through pruning).
+        recorded as frames. ``grad=True`` keeps the autograd graph (training through pruning). ``texts``: each
+        sample's prompt text (the question, without the chat template), for methods conditioned on it.
         """
         with torch.set_grad_enabled(grad):
             self.method.selection.reset()
@@ -110,7 +112,8 @@ class PruningEngine:
             visuals = self.family.encode(inputs, images_per_sample, videos_per_sample, needs, self.method.selection)
             if before_llm:
                 with self.method.selection.timing(self.model.device):
-                    pruned = prune_batch(visuals, self.method, keys, self.anyres, self.log_keep_indices, self.family.project)
+                    pruned = prune_batch(visuals, self.method, keys, self.anyres, self.log_keep_indices, self.family.project,
+                                         texts)
             else:
                 pruned = [([v.features for v in sample], keep_all_records(sample), [u for v in sample for u in v.units])
                           for sample in visuals]

@@ -1,0 +1,33 @@
+"""``visionzip`` and ``vispruner`` through the real ``python -m lmms_eval`` on every family, batch 1 equal to
+batch 2, and on the built-in shapes model as the main job runs them."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import run_lmms_eval, sample_outputs
+
+from lmms_eval_redundancy.embedded.demo import TASKS as SHAPES_TASKS
+from lmms_eval_redundancy.families import FAMILIES
+
+TASKS = "tiny_image,tiny_multi_image,tiny_video"
+METHODS = ("visionzip", "vispruner")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_batch_of_two_gives_the_outputs_of_batch_one(tiny_models, local_tasks, tmp_path, family, method):
+    args = f"pretrained={tiny_models[family]},method={method},retention=0.4"
+    runs = [run_lmms_eval(args, tmp_path / str(size), local_tasks, tasks=TASKS, batch_size=size, limit=4)
+            for size in (1, 2)]
+    (_, one, folder_one), (_, two, folder_two) = runs
+    assert one["settings"]["method"] == method and one["visual_tokens_after"] < one["visual_tokens_before"]
+    assert two["visual_tokens_after"] == one["visual_tokens_after"]
+    assert sample_outputs(folder_two) == sample_outputs(folder_one)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_main_jobs_cells_run_on_the_builtin_model(local_tasks, tmp_path, method):
+    _, tokens, _ = run_lmms_eval(f"pretrained=builtin:shapes,method={method},retention=0.1", tmp_path / "run", local_tasks,
+                                 tasks=SHAPES_TASKS, batch_size=8, limit=8)
+    assert tokens["images"] > 0 and tokens["frames"] > 0
+    assert 0 < tokens["visual_tokens_after"] < 0.2 * tokens["visual_tokens_before"]

@@ -1,0 +1,62 @@
+"""HiPrune through the wrapper against its rule fed from an eager run of the same vision tower."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import image, requests_for
+from transformers import AutoModelForImageTextToText
+
+from lmms_eval_redundancy.core.registry import MethodError
+from lmms_eval_redundancy.lmms.model import LlavaRedundancy
+from lmms_eval_redundancy.methods import hiprune
+
+DOC = {"question": "what is it ?", "visuals": [image(32, 32, 5)]}
+
+
+def wrapper(path, **kwargs) -> LlavaRedundancy:
+    return LlavaRedundancy(pretrained=str(path), device="cpu", method="hiprune", log_keep_indices=True, **kwargs)
+
+
+def eager_attentions(path, w: LlavaRedundancy, doc: dict):
+    """Attention probabilities of every layer of the vision tower (eager) on the first view of ``doc``'s image."""
+    pixels = w.processor(text=[w._prompt("q", 1, 0)], images=[doc["visuals"]], return_tensors="pt")["pixel_values"]
+    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return model.model.vision_tower(pixels.reshape(-1, *pixels.shape[-3:])[:1], output_attentions=True).attentions
+
+
+@pytest.mark.parametrize(("family", "has_cls"), [("llava", True), ("llava_onevision", False)])
+def test_kept_indices_are_the_rule_on_eager_attention_of_both_layers(tiny_models, family, has_cls):
+    w = wrapper(tiny_models[family], tokens=6, alpha=0.9, object_layer=2, anyres="base_only")
+    attentions = eager_attentions(tiny_models[family], w, DOC)
+    deep = w.engine.family.vision_feature_layer_index
+    object_scores = hiprune.global_attention(attentions[1], has_cls=has_cls)[0]
+    deep_scores = hiprune.global_attention(attentions[deep], has_cls=has_cls)[0]
+    expected = hiprune.select(object_scores, deep_scores, 6, alpha=0.9)
+    w.generate_until(requests_for(w, [DOC]))
+    assert [u["keep"] for u in w.ledger.samples[-1]["units"]] == [expected.tolist()]
+    assert hiprune.anchor_count(6, 0.9) == 1  # one anchor and its buffers, then registers
+    settings = w.engine.settings()
+    assert settings["object_layer_used"] == 2 and settings["deep_vision_layer"] == deep
+    assert w.model.config.vision_config._attn_implementation == "sdpa"
+
+
+def test_each_anyres_view_gets_an_even_share_of_the_image_budget(tiny_models):
+    w = wrapper(tiny_models["llava_next"], tokens=10)
+    w.generate_until(requests_for(w, [{"question": "what is it ?", "visuals": [image(64, 40, 3)]}]))
+    (unit,) = w.ledger.samples[-1]["units"]
+    assert unit["after"] <= 10 < unit["before"]  # 5 views of 2 each; picks in unpadded-away patches are dropped
+    per_view = wrapper(tiny_models["llava_next"], tokens=2, anyres="per_view")
+    per_view.generate_until(requests_for(per_view, [{"question": "what is it ?", "visuals": [image(64, 40, 3)]}]))
+    assert [u["after"] for u in per_view.ledger.samples[-1]["units"]][0] == 2
+
+
+def test_default_object_layer_is_nine_on_24_layer_towers_and_scaled_on_shorter_ones():
+    assert hiprune.default_object_layer(24) == 9 and hiprune.default_object_layer(27) == 9
+    assert hiprune.default_object_layer(4) == 2 and hiprune.default_object_layer(2) == 1
+
+
+def test_object_layer_beyond_the_tower_is_refused_naming_the_parameter(tiny_models):
+    with pytest.raises(MethodError, match="object_layer="):
+        wrapper(tiny_models["llava"], tokens=4, object_layer=9)

@@ -177,7 +177,7 @@ class HiPrune(BeforeLLM):
     def settings(self) -> dict:
         return {**super().settings(), "object_layer_used": self.object_layer, "deep_vision_layer": self.deep_layer,
                 "score": "global attention (head mean, all query rows" + (", [CLS] column dropped)" if self.has_cls else ")"),
-                "score_dtype": "float32", "budget_scope": "per image, split evenly over its views"}
+                "score_dtype": "float32", "budget_scope": "per image or frame, split evenly over its views"}
 
     def select_unit(self, unit: VisualUnit) -> Selection:
         return self.select_units([unit])[0]

@@ -97,3 +97,32 @@ def test_a_mismatched_clip_text_is_refused_naming_the_parameter(tiny_models, tmp
 def test_a_siglip_tower_is_refused(tiny_models):
     with pytest.raises(MethodError, match="CLIP vision tower"):
         wrapper(tiny_models["llava_onevision"], tokens=4)
+
+
+def test_anyres_views_are_each_a_dpp_over_their_full_patch_grid_with_one_relevance_scale(tiny_models):
+    from lmms_eval_redundancy.methods.views import view_counts
+
+    doc = {"question": "what color is it ?", "visuals": [image(64, 40, 3)]}
+    w = wrapper(tiny_models["llava_next"], tokens=10)
+    inputs = w.processor(text=[w._prompt("q", 1, 0)], images=[doc["visuals"]], return_tensors="pt")
+    model = AutoModelForImageTextToText.from_pretrained(tiny_models["llava_next"], attn_implementation="eager").eval()
+    clip = tiny_clip()
+    text_model, vision = CLIPTextModelWithProjection.from_pretrained(clip), CLIPVisionModelWithProjection.from_pretrained(clip)
+    tokens = AutoTokenizer.from_pretrained(clip)("what color is it ?", return_tensors="pt")
+    with torch.no_grad():
+        states = model.model.vision_tower(inputs["pixel_values"][0], output_hidden_states=True).hidden_states
+        patches = states[w.engine.family.vision_feature_layer_index + 1][:, 1:]  # [views, P, C]
+        features = model.model.multi_modal_projector(patches)
+        embeds = vision.visual_projection(vision.vision_model.post_layernorm(patches))
+        text = text_model(**dict(zip(("input_ids", "attention_mask"), cdpruner.text_segments(
+            tokens["input_ids"], tokens["attention_mask"])))).text_embeds
+    relevance = cdpruner.relevance(list(embeds), text)  # one min-max over every view of the image
+    counts = view_counts(w.engine.method.budget, len(patches), patches.shape[1])
+    (visual,) = w.engine.pipeline(inputs, [1], [0], ["doc"]).visuals[0]
+    tiles, patch_ids = visual.tiles[visual.units[0]], visual.patches[visual.units[0]]
+    expected = torch.cat([torch.nonzero((tiles == tile) & torch.isin(patch_ids, cdpruner.select(
+        features[tile], relevance[tile], k))).flatten() for tile, k in enumerate(counts)]).sort().values
+    w.generate_until(requests_for(w, [doc]))
+    (unit,) = w.ledger.samples[-1]["units"]
+    assert unit["keep"] == expected.tolist()
+    assert unit["before"] < len(counts) * patches.shape[1]  # the crops have padding, chosen among too

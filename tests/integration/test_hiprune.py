@@ -60,3 +60,25 @@ def test_default_object_layer_is_nine_on_24_layer_towers_and_scaled_on_shorter_o
 def test_object_layer_beyond_the_tower_is_refused_naming_the_parameter(tiny_models):
     with pytest.raises(MethodError, match="object_layer="):
         wrapper(tiny_models["llava"], tokens=4, object_layer=9)
+
+
+def test_anyres_views_are_each_the_rule_on_their_full_patch_grid_with_padding_picks_dropped(tiny_models):
+    from lmms_eval_redundancy.core.budget import Budget
+    from lmms_eval_redundancy.methods.views import view_counts
+
+    doc = {"question": "what is it ?", "visuals": [image(64, 40, 3)]}
+    w = wrapper(tiny_models["llava_next"], tokens=10, alpha=0.9)
+    inputs = w.processor(text=[w._prompt("q", 1, 0)], images=[doc["visuals"]], return_tensors="pt")
+    model = AutoModelForImageTextToText.from_pretrained(tiny_models["llava_next"], attn_implementation="eager").eval()
+    with torch.no_grad():
+        attentions = model.model.vision_tower(inputs["pixel_values"][0], output_attentions=True).attentions
+    object_scores = deep_scores = hiprune.global_attention(attentions[0])  # tiny tower: object layer 1 = layer read
+    (visual,) = w.engine.pipeline(inputs, [1], [0], ["doc"]).visuals[0]
+    tiles, patches = visual.tiles[visual.units[0]], visual.patches[visual.units[0]]
+    counts = view_counts(Budget("tokens", 10), len(object_scores), object_scores.shape[1])
+    expected = torch.cat([torch.nonzero((tiles == tile) & torch.isin(patches, hiprune.select(
+        object_scores[tile], deep_scores[tile], k, alpha=0.9))).flatten() for tile, k in enumerate(counts)]).sort().values
+    w.generate_until(requests_for(w, [doc]))
+    (unit,) = w.ledger.samples[-1]["units"]
+    assert unit["keep"] == expected.tolist()
+    assert unit["before"] < len(counts) * object_scores.shape[1]  # the crops have padding, chosen among too

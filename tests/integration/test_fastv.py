@@ -6,7 +6,14 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES, REPO, image, requests_for
+from conftest import (
+    FAMILIES,
+    REPO,
+    image,
+    prefill_stages,
+    pruned_reference_generate,
+    requests_for,
+)
 from transformers import AutoModelForImageTextToText
 
 from lmms_eval_redundancy.lmms.model import LlavaRedundancy
@@ -146,3 +153,16 @@ def test_fastv_on_the_multi_stage_base_keeps_and_generates_what_the_single_stage
         texts = w.generate_until(requests_for(w, docs))
         keeps = sorted([s["doc_id"], u["visual"], u["unit"], u["keep"]] for s in w.ledger.samples for u in s["units"])
         assert {"texts": texts, "keeps": keeps} == expected[f"{family}/{batch_size}"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_generation_equals_the_shared_no_cache_reference(tiny_models, family):
+    w = wrapper(tiny_models[family], method="fastv", retention=0.3)
+    _, batch, records = w._build([requests_for(w, DOCS[2:])[0].args])
+    stages = prefill_stages(w, batch, records)
+    with torch.no_grad(), w.engine.around_llm(batch, records):
+        out = w.model.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, max_new_tokens=6,
+                               do_sample=False, suppress_tokens=w.engine.family.placeholder_ids,
+                               pad_token_id=w.tokenizer.pad_token_id, eos_token_id=w.tokenizer.eos_token_id)
+    reference = pruned_reference_generate(tiny_models[family], batch, stages, [2], False, 6, w.engine.family.placeholder_ids)
+    assert out[0].tolist() == reference

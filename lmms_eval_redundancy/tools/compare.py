@@ -126,7 +126,7 @@ def collect(folder: str | Path) -> Collected:
         weights = [(run.tokens["samples"], efficiency_of(run.tokens)) for run in runs]
         weights = [(n, e) for n, e in weights if e]
         total = sum(n for n, _ in weights)
-        mean = lambda key: sum(n * e.get(key, 0) for n, e in weights) / total if total else math.nan
+        mean = lambda key: sum(n * e.get(key, 0) for n, e in weights) / total if total else math.nan  # noqa: E731
         layer_mean = sum(run.tokens.get("visual_tokens_layer_mean", run.tokens["visual_tokens_after"]) for run in runs)
         row[AFTER_CUT] = after / samples if samples else math.nan
         row[LAYER_MEAN] = layer_mean / samples if samples else math.nan

@@ -52,7 +52,13 @@ from dataclasses import dataclass
 import torch
 
 from lmms_eval_redundancy.core.registry import MethodError, choice_param, register
-from lmms_eval_redundancy.methods.base import Cut, MultiStageLLM, StageState, fitted_layers, keep_positions
+from lmms_eval_redundancy.methods.base import (
+    Cut,
+    MultiStageLLM,
+    StageState,
+    fitted_layers,
+    keep_positions,
+)
 from lmms_eval_redundancy.methods.random import unit_generator
 
 STAGE_LAYERS = {"v1.5": (2, 6, 15), "v1": (2, 6, 15, 19)}

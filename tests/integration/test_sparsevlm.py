@@ -138,3 +138,38 @@ def test_stage_layers_fit_or_scale_to_the_depth():
     assert sparsevlm.fitted_layers("sparsevlm", sparsevlm.STAGE_LAYERS["v1"], 16, 0, 14) == [1, 3, 8, 10]
     assert sparsevlm.official_layer_mean(576, (2, 6, 15), sparsevlm.STAGE_BUDGETS[192], 32) == pytest.approx(192.03, abs=0.01)
     assert sparsevlm.official_layer_mean(576, (2, 6, 15), sparsevlm.STAGE_BUDGETS[64], 32) == pytest.approx(64.8, abs=0.1)
+
+
+def test_first_cut_keeps_the_top_tokens_of_the_pure_rule_on_the_stage_layer(tiny_models):
+    """Stage 1 keeps the top ``budget_keep_count`` visual tokens of ``rater_attention`` computed from layer 0's own
+    q/k projections and RoPE on its input (the raters' rows, head mean, then rater mean)."""
+    import sys
+
+    w = wrapper(tiny_models["llava_onevision"], tokens=128)  # Qwen2: grouped-query heads, q/k biases
+    _, batch, records = w._build([requests_for(w, DOCS[2:])[0].args])
+    inputs = {}
+    layer = w.engine.family.decoder_layers[0]
+
+    def capture(module, args, kwargs):
+        inputs.setdefault("h", (args[0] if args else kwargs["hidden_states"]).clone())
+
+    handle = layer.self_attn.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        state = prefill_state(w, batch, records)
+    finally:
+        handle.remove()
+    attention, config = layer.self_attn, w.engine.family.config.text_config
+    hidden, length = inputs["h"][0], inputs["h"].shape[1]
+    query = attention.q_proj(hidden).view(length, config.num_attention_heads, -1).transpose(0, 1)
+    keys = attention.k_proj(hidden).view(length, config.num_key_value_heads, -1).transpose(0, 1)
+    cos, sin = w.engine.family.rotary_embeddings(inputs["h"], torch.arange(length)[None])
+    query, keys = sys.modules[type(attention).__module__].apply_rotary_pos_emb(query[None], keys[None], cos, sin)
+    raters = state["raters"][0]
+    relation = sparsevlm.rater_attention(query[0][:, raters], keys[0], raters, 0, length).mean(dim=0)
+    visual = torch.nonzero(batch.prunable_mask[0]).flatten()
+    n = visual.numel()
+    kept_count = sparsevlm.budget_keep_count(sparsevlm.scaled_budgets(sparsevlm.STAGE_BUDGETS[128], n / 576)[0], n)
+    top = torch.sort(relation[visual], descending=True, stable=True).indices[:kept_count]
+    first = state["stages"][1]
+    kept = first.index[0][first.valid[0] & ~first.inserted[0] & batch.prunable_mask[0, first.index[0]]]
+    assert kept.tolist() == visual[top].sort().values.tolist()

@@ -173,3 +173,33 @@ def test_first_cut_keeps_the_top_tokens_of_the_pure_rule_on_the_stage_layer(tiny
     first = state["stages"][1]
     kept = first.index[0][first.valid[0] & ~first.inserted[0] & batch.prunable_mask[0, first.index[0]]]
     assert kept.tolist() == visual[top].sort().values.tolist()
+
+
+def deeper_copy(path, folder, layers: int):
+    """The tiny checkpoint at ``path`` rebuilt with ``layers`` decoder layers (random weights, seeded)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    config = AutoConfig.from_pretrained(path)
+    config.text_config.num_hidden_layers = layers
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config).eval()
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 3
+    model.save_pretrained(folder)
+    AutoProcessor.from_pretrained(path).save_pretrained(folder)
+    return folder
+
+
+def test_v1_rank_rule_on_a_six_layer_llm_equals_the_reference_and_batches_alike(tiny_models, tmp_path):
+    path = deeper_copy(tiny_models["llava_next"], tmp_path / "six", 6)
+    w = wrapper(path, tokens=64, variant="v1")
+    assert w.engine.method.stage_layers == [0, 1, 3, 4]  # 2, 6, 15, 19 scaled to 6 layers
+    _, batch, records = w._build([requests_for(w, DOCS[2:])[0].args])
+    state = prefill_state(w, batch, records)
+    rank = int(torch.linalg.matrix_rank(state["blocks"][0].float()[None])[0])
+    assert len(state["stages"]) == 5 and rank <= state["raters"][0].numel() and 0 in state["plans"]
+    cuts = {layer + 1: merging_cut(state["stages"][j + 1], state["plans"][j][0])
+            for j, layer in enumerate([0, 1, 3, 4]) if state["plans"].get(j)}
+    reference = layerwise_reference_generate(path, batch.inputs_embeds, cuts, 6, w.engine.family.placeholder_ids)
+    assert generate(w, batch, records) == reference
+    one, two = wrapper(path, tokens=64, variant="v1"), wrapper(path, tokens=64, variant="v1", batch_size=2)
+    assert two.generate_until(requests_for(two, DOCS)) == one.generate_until(requests_for(one, DOCS))

@@ -127,3 +127,9 @@ def test_stage_layers_fit_or_scale_to_the_depth(tiny_models):
     assert feather.fitted_layers("feather", feather.STAGE_LAYERS, 12, 1, 11) == [3, 6]
     with pytest.raises(MethodError, match="do not fit an LLM of 2 layers"):
         feather.fitted_layers("feather", feather.STAGE_LAYERS, 2, 1, 1)
+
+
+def test_eager_attention_gives_the_same_pruned_output_as_sdpa(tiny_models):
+    sdpa = wrapper(tiny_models["llava_onevision"], retention=0.5, batch_size=2)
+    eager = wrapper(tiny_models["llava_onevision"], retention=0.5, batch_size=2, attn_implementation="eager")
+    assert eager.generate_until(requests_for(eager, DOCS)) == sdpa.generate_until(requests_for(sdpa, DOCS))

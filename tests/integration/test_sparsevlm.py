@@ -203,3 +203,9 @@ def test_v1_rank_rule_on_a_six_layer_llm_equals_the_reference_and_batches_alike(
     assert generate(w, batch, records) == reference
     one, two = wrapper(path, tokens=64, variant="v1"), wrapper(path, tokens=64, variant="v1", batch_size=2)
     assert two.generate_until(requests_for(two, DOCS)) == one.generate_until(requests_for(one, DOCS))
+
+
+def test_eager_attention_gives_the_same_pruned_output_as_sdpa(tiny_models):
+    sdpa = wrapper(tiny_models["llava_next"], tokens=128, batch_size=2)
+    eager = wrapper(tiny_models["llava_next"], tokens=128, batch_size=2, attn_implementation="eager")
+    assert eager.generate_until(requests_for(eager, DOCS)) == sdpa.generate_until(requests_for(sdpa, DOCS))

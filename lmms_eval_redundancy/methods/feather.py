@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmms_eval_redundancy.core.registry import choice_param, register
+from lmms_eval_redundancy.core.registry import MethodError, choice_param, register
 from lmms_eval_redundancy.core.visuals import PackedVisual
 from lmms_eval_redundancy.methods.base import Cut, MultiStageLLM, fitted_layers
 
@@ -156,6 +156,11 @@ class Feather(MultiStageLLM):
     class Params:
         stride: int = STRIDE
         precision: str = choice_param("float32", ("float32", "model"), official="model")  # criterion dtype
+
+    def validate(self) -> None:
+        super().validate()
+        if self.params.stride < 1:
+            raise MethodError(f"feather stride={self.params.stride} must be at least 1 (official 3)")
 
     def bind(self, model, family) -> None:
         self.stage_layers = fitted_layers(self.name, STAGE_LAYERS, self.layer_count, 1, self.layer_count - 1)

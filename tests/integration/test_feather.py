@@ -121,12 +121,14 @@ def test_tokens_budget_is_the_layer_mean_and_settings_mark_the_port(tiny_models)
     assert all(u["layers"][0] == u["before"] for u in units)
 
 
-def test_stage_layers_fit_or_scale_to_the_depth(tiny_models):
+def test_stage_layers_fit_or_scale_to_the_depth_and_stride_is_checked(tiny_models):
     assert feather.fitted_layers("feather", feather.STAGE_LAYERS, 32, 1, 31) == [8, 16]
     assert feather.fitted_layers("feather", feather.STAGE_LAYERS, 24, 1, 23) == [8, 16]
     assert feather.fitted_layers("feather", feather.STAGE_LAYERS, 12, 1, 11) == [3, 6]
     with pytest.raises(MethodError, match="do not fit an LLM of 2 layers"):
         feather.fitted_layers("feather", feather.STAGE_LAYERS, 2, 1, 1)
+    with pytest.raises(MethodError, match="stride=0 must be at least 1"):
+        wrapper(tiny_models["llava"], retention=0.3, stride=0)
 
 
 def test_eager_attention_gives_the_same_pruned_output_as_sdpa(tiny_models):

@@ -218,5 +218,5 @@ class PyramidDrop(MultiStageLLM):
 
     def settings(self) -> dict:
         lam = "solved per sample for the layer mean" if self.budget.kind == "tokens" else self.ratio(0)
-        return {**super().settings(), "stage_layers": self.layers, "lambda": lam,
+        return {**super().settings(), "stage_layers": self.layers, "lambda": lam, "lambda_at_576": self.ratio(576),
                 "selection": "last prompt token's attention at each stage layer (its own q/k), head mean; positions renumbered"}

@@ -81,6 +81,7 @@ def test_stage_cut_ranks_by_the_layers_own_last_token_attention(tiny_models):
 def test_tokens_budget_is_the_layer_mean_and_records_every_layer(tiny_models):
     w = wrapper(tiny_models["llava_next"], tokens=6, batch_size=2)
     w.generate_until(requests_for(w, DOCS))
+    assert w.engine.settings()["lambda_at_576"] == pdrop.solve_lambda(576, 6, [1, 2, 3], 4)
     for sample in w.ledger.samples:
         n = sum(u["before"] for u in sample["units"])
         lam = pdrop.solve_lambda(n, 6, [1, 2, 3], 4)

@@ -249,15 +249,16 @@ def record_run(folder: Path, stamp: str, settings: dict, scores: dict[str, float
 # ---- inside-LLM methods: a plain no-cache reference --------------------------------------------------------
 
 
-def prefill_stages(wrapper, batch, records) -> list:
-    """Prefill ``batch`` through ``wrapper``'s multi-stage method; its ``StageState`` list (stage 0 = all tokens)."""
+def prefill_state(wrapper, batch, records) -> dict:
+    """Prefill ``batch`` through ``wrapper``'s multi-stage method; its state after the prefill (``stages``: the
+    ``StageState`` list, stage 0 = all tokens; plus what the method keeps there)."""
     import torch
 
     method, captured = wrapper.engine.method, {}
     record = method._record
 
     def spy(records, log_keep):
-        captured["stages"] = list(method.state["stages"])
+        captured.update(method.state, stages=list(method.state["stages"]))
         record(records, log_keep)
 
     method._record = spy
@@ -266,7 +267,12 @@ def prefill_stages(wrapper, batch, records) -> list:
             wrapper.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask)
     finally:
         del method._record
-    return captured["stages"]
+    return captured
+
+
+def prefill_stages(wrapper, batch, records) -> list:
+    """The ``StageState`` list of ``prefill_state``."""
+    return prefill_state(wrapper, batch, records)["stages"]
 
 
 def pruned_reference_generate(path, batch, stages, cut_layers: list[int], renumber: bool, steps: int,

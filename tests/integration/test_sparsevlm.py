@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, image, layerwise_reference_generate, requests_for
+from conftest import (
+    FAMILIES,
+    image,
+    layerwise_reference_generate,
+    prefill_state,
+    requests_for,
+)
 
 from lmms_eval_redundancy.core.registry import MethodError
 from lmms_eval_redundancy.lmms.model import LlavaRedundancy
@@ -20,24 +26,6 @@ DOCS = [
 
 def wrapper(path, **kwargs):
     return LlavaRedundancy(pretrained=str(path), device="cpu", dtype="float32", method="sparsevlm", **kwargs)
-
-
-def prefill_state(w, batch, records) -> dict:
-    """The method's state after a prefill of ``batch`` (stages, recycling plans, raters)."""
-    method, captured = w.engine.method, {}
-    record = method._record
-
-    def spy(records, log_keep):
-        captured.update(method.state)
-        record(records, log_keep)
-
-    method._record = spy
-    try:
-        with torch.no_grad(), w.engine.around_llm(batch, records):
-            w.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask)
-    finally:
-        del method._record
-    return captured
 
 
 def generate(w, batch, records, steps: int = 6) -> list[int]:

@@ -226,7 +226,7 @@ def _compare(args) -> None:
 
         published = load_published(PUBLISHED if args.published == "shipped" else args.published)
     out = Path(args.out or Path(args.results) / "compare")
-    tables, duplicates = compare(args.results, out)
+    tables, duplicates = compare(args.results, out, args.match)
     for model, table in tables.items():
         print(f"## {model}\n")
         print(markdown(table, notes=True) + "\n")
@@ -293,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="tables (markdown, CSV, LaTeX) and plots of llava_redundancy runs against unpruned")
     p.add_argument("results", help="a sweep output folder or any folder holding llava_redundancy lmms-eval outputs")
     p.add_argument("--out", help="where to write (default: RESULTS/compare)")
+    p.add_argument("--match", choices=("tokens", "layer_mean", "flops"), default="tokens",
+                   help="the plot's x-axis: visual tokens after the last cut (default), their mean over decoder layers, or "
+                        "the FLOPs ratio; layer_mean and flops also tabulate every method at equal values of it")
     p.add_argument("--published", nargs="?", const="shipped", metavar="FILE",
                    help="also place the runs beside published numbers (default file: the project's own, "
                         "lmms_eval_redundancy/published/llava_published.csv)")

@@ -291,3 +291,114 @@ def record_run(folder: Path, stamp: str, settings: dict, scores: dict[str, float
               "samples": 4, "samples_with_visuals": 4, "visual_tokens_before": 64, "visual_tokens_after": 4 * kept,
               "efficiency": efficiency}
     (folder / f"{stamp}_tokens.json").write_text(json.dumps(tokens))
+
+
+# ---- inside-LLM methods: a plain no-cache reference --------------------------------------------------------
+
+
+def prefill_state(wrapper, batch, records) -> dict:
+    """Prefill ``batch`` through ``wrapper``'s multi-stage method; its state after the prefill (``stages``: the
+    ``StageState`` list, stage 0 = all tokens; plus what the method keeps there)."""
+    import torch
+
+    method, captured = wrapper.engine.method, {}
+    record = method._record
+
+    def spy(records, log_keep):
+        captured.update(method.state, stages=list(method.state["stages"]))
+        record(records, log_keep)
+
+    method._record = spy
+    try:
+        with torch.no_grad(), wrapper.engine.around_llm(batch, records):
+            wrapper.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask)
+    finally:
+        del method._record
+    return captured
+
+
+def prefill_stages(wrapper, batch, records) -> list:
+    """The ``StageState`` list of ``prefill_state``."""
+    return prefill_state(wrapper, batch, records)["stages"]
+
+
+def pruned_reference_generate(path, batch, stages, cut_layers: list[int], renumber: bool, steps: int,
+                              suppress: list[int]) -> list[int]:
+    """Greedy decoding of one unpadded sample without a cache: every step recomputes the whole pruned forward.
+
+    Layers from ``cut_layers[j]`` on see every position but the keys stage ``j + 1`` dropped (``stages``: what
+    the method kept, by original position); with ``renumber`` their rotary positions are lowered by the tokens
+    dropped before them (decoded tokens by all the stage dropped), else the original positions stay."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    llm = model.model.language_model
+    embeds = batch.inputs_embeds
+    prompt = embeds.shape[1]
+    kept_per_stage = [torch.zeros(1, prompt, dtype=torch.bool).scatter_(1, s.index, s.valid) for s in stages]
+
+    def hook_for(kept: torch.Tensor):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            length = hidden.shape[1]
+            keys = torch.nn.functional.pad(kept, (0, length - prompt), value=True)
+            causal = torch.ones(length, length, dtype=torch.bool).tril()
+            kwargs["attention_mask"] = (causal[None] & keys[:, None, :])[:, None]
+            if renumber:
+                dropped = (~keys).long().cumsum(dim=1)
+                kwargs["position_embeddings"] = llm.rotary_emb(hidden, torch.arange(length)[None] - dropped)
+            return args, kwargs
+
+        return hook
+
+    handles = []
+    for index in range(cut_layers[0], len(llm.layers)):
+        stage = sum(layer <= index for layer in cut_layers)
+        handles.append(llm.layers[index].register_forward_pre_hook(hook_for(kept_per_stage[stage]), with_kwargs=True))
+    tokens = []
+    try:
+        with torch.no_grad():
+            for _ in range(steps):
+                hidden = llm(inputs_embeds=embeds, attention_mask=torch.ones(1, embeds.shape[1], dtype=torch.long)).last_hidden_state
+                logits = model.lm_head(hidden[:, -1])
+                logits[:, suppress] = float("-inf")
+                token = logits.argmax(-1)
+                tokens.append(int(token))
+                embeds = torch.cat([embeds, model.get_input_embeddings()(token)[:, None]], dim=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return tokens
+
+
+def layerwise_reference_generate(path, embeds, cuts: dict, steps: int, suppress: list[int]) -> list[int]:
+    """Greedy decoding of one unpadded sample without a cache, running the decoder layers one by one on fresh
+    inputs at every step. Before layer ``l`` in ``cuts``, ``cuts[l](prompt_rows [1, P, D], positions [P])`` returns
+    the prompt's new rows and their position ids (rows may be dropped, reordered or new); the decoded tokens
+    follow the last prompt position."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    llm = model.model.language_model
+    tokens = []
+    with torch.no_grad():
+        for step in range(steps):
+            hidden, prompt = embeds, embeds.shape[1] - step
+            positions = torch.arange(hidden.shape[1])
+            for index, layer in enumerate(llm.layers):
+                if index in cuts:
+                    rows, prompt_positions = cuts[index](hidden[:, :prompt], positions[:prompt])
+                    hidden, prompt = torch.cat([rows, hidden[:, prompt:]], dim=1), rows.shape[1]
+                    positions = torch.cat([prompt_positions, prompt_positions[-1] + 1 + torch.arange(step)])
+                length = hidden.shape[1]
+                mask = torch.ones(length, length, dtype=torch.bool).tril()[None, None]
+                hidden = layer(hidden, attention_mask=mask, position_ids=positions[None],
+                               position_embeddings=llm.rotary_emb(hidden, positions[None]))
+            logits = model.lm_head(llm.norm(hidden)[:, -1])
+            logits[:, suppress] = float("-inf")
+            token = logits.argmax(-1)
+            tokens.append(int(token))
+            embeds = torch.cat([embeds, model.get_input_embeddings()(token)[:, None]], dim=1)
+    return tokens

@@ -20,6 +20,8 @@ class SplicedBatch:
     unit_ids: torch.Tensor | None = None  # long [B, T], for inside-LLM methods: record index, -1 elsewhere
     prunable_mask: torch.Tensor | None = None  # bool [B, T], for inside-LLM methods: unit_ids >= 0
     vision_tiles: list[int] | None = None  # views through the vision tower per sample
+    keys: list[str] | None = None  # for inside-LLM methods: sample keys (random choices are seeded by them)
+    visuals: list | None = None  # for inside-LLM methods: each sample's PackedVisual list (layout of its tokens)
 
 
 def splice(input_ids, attention_mask, lengths, kept_features, placeholder_ids, pad_id, embed) -> SplicedBatch:

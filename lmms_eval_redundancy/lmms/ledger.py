@@ -59,6 +59,8 @@ def summarize(samples: list[dict]) -> dict:
         "visual_tokens_after": after,
         # methods inside the LLM: visual tokens averaged over decoder layers (``after`` counts those after the last cut)
         "visual_tokens_layer_mean": sum(statistics.fmean(u["layers"]) if u.get("layers") else u["after"] for u in units),
+        # LLM prefill FLOPs against the same samples unpruned (analytic; ``runtime.flops``)
+        "llm_prefill_flops_ratio": flops_ratio(samples),
         "newline_tokens_before": sum(u["newlines_before"] for u in units),
         "newline_tokens_after": sum(u["newlines_after"] for u in units),
         "achieved_retention": after / before if before else None,
@@ -71,6 +73,13 @@ def summarize(samples: list[dict]) -> dict:
         "floor_hits": sum(bool(u["floor_hit"]) for u in units),
         "efficiency": summarize_efficiency(samples),
     }
+
+
+def flops_ratio(samples: list[dict]) -> float | None:
+    """Summed LLM prefill FLOPs over those of the samples unpruned (None when not recorded)."""
+    rows = [s.get("efficiency", {}) for s in samples]
+    unpruned = sum(row.get("llm_prefill_flops_unpruned", 0) for row in rows)
+    return sum(row.get("llm_prefill_flops", 0) for row in rows) / unpruned if unpruned else None
 
 
 def summarize_efficiency(samples: list[dict]) -> dict:
@@ -184,9 +193,11 @@ class TokenLedger:
         summary = {"settings": self.settings, "world_size": self.world_size, **summarize(samples)}
         retention = summary["achieved_retention"]
         # Printed, not logged: this runs at interpreter exit, when log sinks may already be closed.
+        ratio = summary["llm_prefill_flops_ratio"]
         print(f"llava_redundancy tokens: {summary['visual_tokens_after']} of {summary['visual_tokens_before']} visual "
-              f"tokens kept (retention {'n/a' if retention is None else f'{retention:.4f}'}), "
-              f"floor hits {summary['floor_hits']}", file=sys.stderr)
+              f"tokens kept after the last cut (retention {'n/a' if retention is None else f'{retention:.4f}'}), "
+              f"{summary['visual_tokens_layer_mean']:.1f} on average over decoder layers, LLM prefill FLOPs ratio "
+              f"{'n/a' if ratio is None else f'{ratio:.4f}'}, floor hits {summary['floor_hits']}", file=sys.stderr)
         stem = results.name[: -len("_results.json")] if results else f"run-{self.launch}"
         summary["results_file"] = results.name if results else None
         out = self.results_dir / f"{stem}_tokens.json"

@@ -33,8 +33,10 @@ from lmms_eval_redundancy.runtime.efficiency import (
     cache_bytes,
     sample_flops,
     tokens_per_layer,
+    unpruned_tokens,
 )
 from lmms_eval_redundancy.runtime.engine import PruningEngine
+from lmms_eval_redundancy.runtime.flops import llm_prefill_flops
 from lmms_eval_redundancy.runtime.loading import PRETRAINED_FORMS, load, process_layout
 from lmms_eval_redundancy.runtime.prompts import (
     chat_prompt,
@@ -271,6 +273,8 @@ class LlavaRedundancy(lmms):
         for row, ((_, _, _, doc_id, task, split), sample_records) in enumerate(zip(requests_args, records)):
             llm_tokens = tokens_per_layer(int(batch.attention_mask[row].sum()), sample_records, layers)
             flops = sample_flops(self._model.config, llm_tokens, batch.vision_tiles[row])
+            unpruned = len(llm_tokens) * [unpruned_tokens(int(batch.attention_mask[row].sum()), sample_records)]
+            flops["llm_prefill_flops_unpruned"] = llm_prefill_flops(self._model.config.text_config, unpruned)
             self.ledger.add(request, task, split, doc_id, sample_records, {**shared, **flops, "batch_size": size})
         self.ledger.flush()
 

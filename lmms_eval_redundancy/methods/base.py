@@ -107,11 +107,12 @@ class InsideLLM(PruningMethod):
 @dataclass(frozen=True)
 class Cut:
     """One pruning stage inside the LLM: from decoder layer ``layer`` on, each sample keeps ``keep(n)`` of its
-    ``n`` visual tokens still present, ranked by the method's ``score`` on the input of ``score_layer``
-    (``<= layer``; by default ``layer - 1``, the last layer that sees them all)."""
+    ``n`` visual tokens still present (``keep=None``: as many as the method's ``keep_counts`` says), ranked by
+    the method's ``score`` on the input of ``score_layer`` (``<= layer``; by default ``layer - 1``, the last
+    layer that sees them all)."""
 
     layer: int
-    keep: typing.Callable[[int], int]
+    keep: typing.Callable[[int], int] | None = None
     score_layer: int | None = None
 
     @property
@@ -126,6 +127,23 @@ class StageState:
     index: torch.Tensor  # long [B, T_s]: original positions, sorted per row
     valid: torch.Tensor  # bool [B, T_s]: a real token (not padding, not a filler standing in for a dropped one)
     local: torch.Tensor | None = None  # long [B, T_s]: where the rows come from in the previous stage's sequence
+    inserted: torch.Tensor | None = None  # bool [B, T_s]: new rows the cut inserted (``cut_rows``), e.g. merged tokens
+
+
+REFERENCE_DEPTH = 32  # decoder layers of the LLMs (LLaMA-7B/Vicuna-7B) the official stage layers were set for
+
+
+def fitted_layers(name: str, layers: typing.Sequence[int], depth: int, lowest: int, highest: int) -> list[int]:
+    """``layers`` when they all lie in ``[lowest, highest]``; otherwise scaled by ``depth / 32`` (rounded, kept
+    strictly increasing from ``lowest``) for an LLM of ``depth`` layers; ``MethodError`` when they do not fit."""
+    if lowest <= min(layers) and max(layers) <= highest:
+        return list(layers)
+    scaled: list[int] = []
+    for layer in layers:
+        scaled.append(max(round(layer * depth / REFERENCE_DEPTH), scaled[-1] + 1 if scaled else lowest))
+    if scaled[-1] > highest:
+        raise MethodError(f"{name}: its {len(layers)} stage layers {list(layers)} do not fit an LLM of {depth} layers")
+    return scaled
 
 
 def last_token_attention(query: torch.Tensor, keys: torch.Tensor, scale: float, valid: torch.Tensor) -> torch.Tensor:
@@ -192,6 +210,20 @@ class MultiStageLLM(InsideLLM):
         query, keys, scale = self.family.text_query_key(attention, hidden_states, position_embeddings)
         return last_token_attention(query, keys, scale, valid)
 
+    def keep_counts(self, stage: int, scores: torch.Tensor, present: torch.Tensor, state: dict) -> list[int]:
+        """How many of the ``present [B, T]`` visual tokens each row keeps at stage ``stage`` (the top-scoring ones).
+        Default: the cut's ``keep`` of the number present."""
+        return [self.cuts()[stage].keep(int(n)) for n in present.sum(dim=1)]
+
+    def kept_positions(self, stage: int, scores: torch.Tensor, present: torch.Tensor, state: dict) -> list[torch.Tensor]:
+        """Per row, the current positions kept at stage ``stage``: all but the ``present`` visual tokens, and the
+        ``keep_counts`` top-scoring of those (override to choose otherwise)."""
+        return keep_positions(scores, present, self.keep_counts(stage, scores, present, state))
+
+    def original_visual_counts(self, state: dict) -> torch.Tensor:
+        """``long [B]``: each row's prunable visual tokens before the first cut."""
+        return (state["prunable"] & state["stages"][0].valid).sum(dim=1)
+
     def validate(self) -> None:
         self.state: dict | None = None
 
@@ -226,8 +258,8 @@ class MultiStageLLM(InsideLLM):
         """Arm the hooks for one generate/forward call over ``batch`` and fill ``records`` after prefill."""
         valid = batch.attention_mask.bool()
         first = StageState(torch.arange(valid.shape[1], device=valid.device).expand_as(valid), valid)
-        self.state = {"prunable": batch.prunable_mask, "unit_ids": batch.unit_ids, "length": valid.shape[1],
-                      "stages": [first]}
+        self.state = {"prunable": batch.prunable_mask, "visual": batch.visual_mask, "unit_ids": batch.unit_ids,
+                      "length": valid.shape[1], "stages": [first]}
         try:
             yield
             self._record(records, log_keep)
@@ -276,7 +308,8 @@ class MultiStageLLM(InsideLLM):
                                      moved["position_embeddings"], state)
                 if starting and state["stages"][starting[0] + 1].local is not None:
                     local = state["stages"][starting[0] + 1].local
-                    hidden_states = hidden_states.gather(1, local[..., None].expand(-1, -1, hidden_states.shape[-1]))
+                    source = self.cut_rows(starting[0], hidden_states, state)
+                    hidden_states = source.gather(1, local[..., None].expand(-1, -1, hidden_states.shape[-1]))
             stage = state["stages"][self.stage_of(layer_index)]
             if stage.local is None and stage.index is state["stages"][0].index:
                 return (hidden_states,), kwargs  # nothing dropped so far: the layer runs as it is
@@ -290,16 +323,24 @@ class MultiStageLLM(InsideLLM):
         """Rank the current positions and set up the next stage's sequence."""
         current = state["stages"][-1]
         scores = self.score(stage, attention, hidden_states, position_embeddings, current.valid)
+        state["stages"].append(self.next_stage(stage, scores, current, state))
+
+    def next_stage(self, stage: int, scores: torch.Tensor, current: StageState, state: dict) -> StageState:
+        """The sequence after cut ``stage`` given the ``scores [B, T]`` of the ``current`` one (override to insert
+        rows: their ``local`` indices count on past the current sequence, into what ``cut_rows`` appends)."""
         prunable = state["prunable"].gather(1, current.index)
         present = prunable & current.valid
-        counts = [self.cuts()[stage].keep(int(n)) for n in present.sum(dim=1)]
-        kept = keep_positions(scores, present, counts)
+        kept = self.kept_positions(stage, scores, present, state)
         kept = [k[current.valid[row, k] | ~prunable[row, k]] for row, k in enumerate(kept)]  # fillers go again
         if all(k.numel() == current.index.shape[1] for k in kept):
-            state["stages"].append(StageState(current.index, current.valid))  # nothing to drop
-            return
+            return StageState(current.index, current.valid)  # nothing to drop
         local, is_kept = rectangular(kept, current.index.shape[1])
-        state["stages"].append(StageState(current.index.gather(1, local), is_kept & current.valid.gather(1, local), local))
+        return StageState(current.index.gather(1, local), is_kept & current.valid.gather(1, local), local)
+
+    def cut_rows(self, stage: int, hidden_states: torch.Tensor, state: dict) -> torch.Tensor:
+        """The rows cut ``stage`` gathers from at prefill: the cut layer's input ``[B, T, D]``, plus any rows the method
+        appends along dim 1 (default: none)."""
+        return hidden_states
 
     def _positions(self, kwargs, hidden_states, stage: StageState, state, prefill: bool) -> None:
         """Move a layer's rotary embeddings and position ids to a stage's tokens: their original positions, or
@@ -310,7 +351,11 @@ class MultiStageLLM(InsideLLM):
             return
         first = state["stages"][0]
         given = kwargs.get("position_ids")
-        if prefill:
+        if prefill and stage.inserted is not None:  # rows in sequence order, numbered on from each row's first position
+            full = given if given is not None else torch.arange(state["length"], device=stage.index.device)[None]
+            start = full.expand_as(first.valid).masked_fill(~first.valid, torch.iinfo(full.dtype).max).min(dim=1).values
+            position_ids = start[:, None] + stage.valid.long().cumsum(dim=1) - 1
+        elif prefill:
             full = given if given is not None else torch.arange(state["length"], device=stage.index.device)[None]
             kept = torch.zeros_like(first.valid).scatter_(1, stage.index, stage.valid)
             dropped_before = (first.valid & ~kept).long().cumsum(dim=1)
@@ -338,7 +383,8 @@ class MultiStageLLM(InsideLLM):
         return torch.zeros(allowed.shape, dtype=hidden_states.dtype, device=allowed.device).masked_fill(~allowed, blocked)
 
     def _record(self, records, log_keep: bool) -> None:
-        """Per image/frame: visual tokens at every layer, kept after the last cut (and, with ``log_keep``, which)."""
+        """Per image/frame: visual tokens at every layer, kept after the last cut (and, with ``log_keep``, which).
+        An inserted row counts in the unit of the original position its ``index`` names; it is no kept index."""
         state = self.state
         stages, length = state["stages"], state["length"]
         kept_per_stage = []
@@ -346,6 +392,10 @@ class MultiStageLLM(InsideLLM):
             kept = torch.zeros(stage.index.shape[0], length, dtype=torch.bool, device=stage.index.device)
             kept.scatter_(1, stage.index, stage.valid)
             kept_per_stage.append(kept | ~stages[0].valid)
+        last = stages[-1]
+        inserted = torch.zeros_like(kept_per_stage[-1])
+        if last.inserted is not None:
+            inserted.scatter_(1, last.index, last.inserted & last.valid)
         layer_stage = [min(self.stage_of(layer), len(stages) - 1) for layer in range(self.layer_count)]
         for row, row_records in enumerate(records):
             for index, record in enumerate(row_records):
@@ -353,5 +403,6 @@ class MultiStageLLM(InsideLLM):
                 counts = [int(kept[row][in_unit].sum()) for kept in kept_per_stage]
                 record.layers = [counts[stage] for stage in layer_stage]
                 record.after = counts[-1]
+                record.merged = int(inserted[row][in_unit].sum()) or record.merged
                 if log_keep:
-                    record.keep = torch.nonzero(kept_per_stage[-1][row][in_unit]).flatten().tolist()
+                    record.keep = torch.nonzero((kept_per_stage[-1][row] & ~inserted[row])[in_unit]).flatten().tolist()

@@ -69,6 +69,11 @@ def tokens_per_layer(valid_tokens: int, records: list, layers: int) -> list[int]
             for layer in range(layers)]
 
 
+def unpruned_tokens(valid_tokens: int, records: list) -> int:
+    """Tokens one sample would give the LLM unpruned: its tokens plus what methods before the LLM removed."""
+    return valid_tokens + sum(r.before + r.newlines_before - r.after - r.newlines_after for r in records if r.layers is None)
+
+
 def sample_flops(config, llm_tokens: list[int], tiles: int) -> dict:
     """Analytic prefill FLOPs of one sample: the LLM with ``llm_tokens[i]`` tokens at layer ``i`` and the
     vision tower over its ``tiles`` views."""

@@ -129,6 +129,7 @@ class PruningEngine:
         if not before_llm:
             batch.unit_ids = unit_map(batch.visual_mask, visuals)
             batch.prunable_mask = batch.unit_ids >= 0
+            batch.keys, batch.visuals = keys, visuals
         batch.vision_tiles = self._tiles_per_sample(inputs, images_per_sample, videos_per_sample)
         return Pruned(batch, records, visuals, [positions for _, _, positions in pruned])
 

@@ -20,6 +20,11 @@ with `` unreliable`` appended when the range includes 1.0); markdown and LaTeX p
 Run files that do not parse, or a results file that its tokens file names but that is gone, stop the
 comparison with a message naming each file; an interrupted run (tokens but no results file recorded) is
 left out with a warning.
+
+Two token budgets are reported because papers use both: visual tokens after the last cut (FastV, DART; for
+methods before the LLM, the tokens kept) and the mean over decoder layers of the visual tokens each layer
+handles (PyramidDrop, SparseVLM). ``match`` places the runs of every method at equal layer-mean tokens or equal
+FLOPs: the plot's x-axis, and a table of each curve's score at every run's value of that measure.
 """
 
 from __future__ import annotations
@@ -39,6 +44,13 @@ from lmms_eval_redundancy.core.files import figure_png, output_folder, write_ato
 from lmms_eval_redundancy.core.registry import PATHS_KEY, UNPRUNED
 
 LABEL_OMITS = ("method", "budget", "stage", "pretrained", "family")  # shown elsewhere, or implied by the row's model
+AFTER_CUT = "tokens after last cut / sample"
+LAYER_MEAN = "layer-mean tokens / sample"
+MATCH_AXES = {  # match -> (column, plot axis label)
+    "tokens": (AFTER_CUT, "visual tokens per sample after the last cut"),
+    "layer_mean": (LAYER_MEAN, "visual tokens per sample, mean over decoder layers"),
+    "flops": ("FLOPs ratio", "prefill FLOPs / unpruned"),
+}
 
 
 def main_metric(task_results: dict) -> tuple[str, float] | None:
@@ -202,7 +214,9 @@ def collect(folder: str | Path) -> Collected:
         before = sum(run.tokens["visual_tokens_before"] for run in runs)
         after = sum(run.tokens["visual_tokens_after"] for run in runs)
         samples = sum(run.tokens["samples_with_visuals"] for run in runs)
-        row["retained tokens / sample"] = after / samples if samples else math.nan
+        layer_mean = sum(run.tokens.get("visual_tokens_layer_mean", run.tokens["visual_tokens_after"]) for run in runs)
+        row[AFTER_CUT] = after / samples if samples else math.nan
+        row[LAYER_MEAN] = layer_mean / samples if samples else math.nan
         row["achieved retention"] = after / before if before else math.nan
         row["prefill s / sample"] = per_sample_mean(runs, "prefill_seconds_per_sample")
         row["flops / sample"] = (per_sample_mean(runs, "llm_prefill_flops_per_sample")
@@ -287,10 +301,10 @@ def compare_table(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
                                  "documents; run the unpruned model with the same --limit and --offset")
                 rows.append(measured(row, ref, tasks))
             group = pd.concat([group, pd.DataFrame(rows, index=group.index)], axis=1)
-        order = ["run"] + tasks + [c for c in ("% of unpruned (mean)", "retained tokens / sample", "achieved retention",
-                                                "prefill speed-up", SPREAD, "FLOPs ratio") if c in group]
+        order = ["run"] + tasks + [c for c in ("% of unpruned (mean)", AFTER_CUT, LAYER_MEAN,
+                                                "achieved retention", "prefill speed-up", SPREAD, "FLOPs ratio") if c in group]
         group = group.assign(pruned=group["method"] != UNPRUNED).sort_values(
-            ["pruned", "method", "retained tokens / sample"], ascending=[True, True, False])
+            ["pruned", "method", AFTER_CUT], ascending=[True, True, False])
         table = group[order].reset_index(drop=True)
         table.attrs["notes"] = notes
         tables[Path(model).name] = table
@@ -321,8 +335,28 @@ def markdown(table: pd.DataFrame, notes: bool = False) -> str:
     return f"{text}\n\n" + "\n".join(warnings) if warnings else text
 
 
-def write_outputs(tables: dict[str, pd.DataFrame], frame: pd.DataFrame, out: str | Path) -> list[Path]:
-    """Markdown (with the table's notes), CSV and LaTeX per model, plus the two plots; returns the files written."""
+def model_rows(table: pd.DataFrame, frame: pd.DataFrame, model: str) -> pd.DataFrame:
+    """A model's table with each run's method, plot curve and prefill time."""
+    runs = frame[frame["pretrained"].map(lambda p: Path(p).name) == model]
+    return table.merge(runs[["run", "method", "curve", "prefill s / sample"]], on="run")
+
+
+def matched_table(rows: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Every pruned curve's mean % of unpruned at each pruned run's value of ``column`` (rows, ascending): linear
+    between the curve's two neighbouring runs, a run's own value at its own point, empty outside the curve's range."""
+    pruned = rows[rows["method"] != UNPRUNED].dropna(subset=[column, "% of unpruned (mean)"])
+    levels = sorted(set(pruned[column]))
+    matched = {column: levels}
+    for curve, points in pruned.groupby("curve"):
+        points = points.sort_values(column)
+        xs, ys = points[column].to_numpy(), points["% of unpruned (mean)"].to_numpy()
+        matched[curve] = [float(np.interp(x, xs, ys)) if xs[0] <= x <= xs[-1] else math.nan for x in levels]
+    return pd.DataFrame(matched)
+
+
+def write_outputs(tables: dict[str, pd.DataFrame], frame: pd.DataFrame, out: str | Path, match: str = "tokens") -> list[Path]:
+    """Markdown (with the table's notes), CSV and LaTeX per table, plus two plots per model (score against
+    ``match``'s measure, and against prefill time); returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -338,8 +372,8 @@ def write_outputs(tables: dict[str, pd.DataFrame], frame: pd.DataFrame, out: str
         written += [out / f"{stem}{suffix}" for suffix in (".md", ".csv", ".tex")]
         if "% of unpruned (mean)" not in table:
             continue
-        rows = frame[frame["pretrained"].map(lambda p: Path(p).name) == model].merge(table[["run", "% of unpruned (mean)"]], on="run")
-        for x_column, name, label in (("retained tokens / sample", "score_vs_tokens", "visual tokens per sample"),
+        rows = model_rows(table, frame, model)
+        for x_column, name, label in ((MATCH_AXES[match][0], f"score_vs_{match}", MATCH_AXES[match][1]),
                                       ("prefill s / sample", "pareto_prefill", "prefill seconds per sample")):
             fig, ax = plt.subplots(figsize=(5.5, 4))
             for curve, points in rows.groupby("curve"):
@@ -368,11 +402,16 @@ def warn(message: str) -> None:
     print(f"compare: warning: {message}", file=sys.stderr)
 
 
-def compare(results_dir: str | Path, out: str | Path | None = None) -> tuple[dict[str, pd.DataFrame], list[dict]]:
+def compare(results_dir: str | Path, out: str | Path | None = None,
+            match: str = "tokens") -> tuple[dict[str, pd.DataFrame], list[dict]]:
     """Per-model tables written (with plots) to ``out``; also the reruns left out as duplicates.
 
+    ``match`` (``tokens``: after the last cut, ``layer_mean`` or ``flops``) is the plot's x-axis; other than
+    ``tokens`` it also adds, per model, ``"<model> at equal <match>"``: the curves side by side (``matched_table``).
     Warnings (interrupted runs left out, documents that differ from the reference's) go to stderr.
     """
+    if match not in MATCH_AXES:
+        raise UserError(f"match={match!r} is not one of {', '.join(MATCH_AXES)}")
     results_dir = Path(results_dir)
     collected = collect(results_dir) if results_dir.is_dir() else None
     if collected is None or collected.frame.empty:
@@ -380,5 +419,9 @@ def compare(results_dir: str | Path, out: str | Path | None = None) -> tuple[dic
     tables = compare_table(collected.frame)
     for message in collected.warnings + [note for table in tables.values() for note in table.attrs["notes"]]:
         warn(message)
-    write_outputs(tables, collected.frame, out or results_dir / "compare")
+    if match != "tokens":
+        for model, table in list(tables.items()):
+            if "% of unpruned (mean)" in table:
+                tables[f"{model} at equal {match}"] = matched_table(model_rows(table, collected.frame, model), MATCH_AXES[match][0])
+    write_outputs(tables, collected.frame, out or results_dir / "compare", match)
     return tables, collected.duplicates

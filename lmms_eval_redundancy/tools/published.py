@@ -102,7 +102,7 @@ def side_by_side(frame: pd.DataFrame, published: pd.DataFrame, tasks: pd.DataFra
         columns = {(b, m): tasks.loc[b, "task"] for b, m in theirs[["benchmark", "metric"]].drop_duplicates().itertuples(index=False)}
         ours = []
         for run in checkpoint_runs.to_dict("records"):
-            row = {"kind": "ours", "run": run["run"], "method": run["method"], "visual tokens": run["retained tokens / sample"]}
+            row = {"kind": "ours", "run": run["run"], "method": run["method"], "visual tokens": run["tokens after last cut / sample"]}
             for (benchmark, metric), task in columns.items():
                 keys = metric_keys(tasks.loc[benchmark, "metric_key"], metric)
                 row[column(benchmark, metric)] = our_value(run["metrics"], task, keys, metric)

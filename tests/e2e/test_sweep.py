@@ -59,7 +59,7 @@ def test_compare_tables_match_the_results_files(swept):
         label = "none" if cell.method == "none" else f"{cell.method} {tokens['settings']['budget']}"
         row = table[table["run"].str.startswith(label)].iloc[0]
         assert row["tiny_image (exact_match)"] == score
-        assert row["retained tokens / sample"] == pytest.approx(tokens["visual_tokens_after"] / tokens["samples_with_visuals"])
+        assert row["tokens after last cut / sample"] == pytest.approx(tokens["visual_tokens_after"] / tokens["samples_with_visuals"])
         assert row["achieved retention"] == pytest.approx(tokens["achieved_retention"])
         efficiency = tokens["efficiency"]["generate_until"]
         flops = efficiency["llm_prefill_flops_per_sample"] + efficiency["vision_flops_per_sample"]

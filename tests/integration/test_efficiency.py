@@ -26,3 +26,19 @@ def test_records_carry_measured_kv_bytes_times_and_flops(tiny_models):
     layers_after_k = text.num_hidden_layers - 2
     assert efficiency["kv_cache_bytes"] - fastv_efficiency["kv_cache_bytes"] == 2 * layers_after_k * kv_dim * 12 * 4
     assert fastv_efficiency["llm_prefill_flops"] < efficiency["llm_prefill_flops"]
+
+
+def test_summary_flops_ratio_counts_against_the_same_samples_unpruned(tiny_models):
+    from lmms_eval_redundancy.lmms.ledger import summarize
+
+    doc = {"question": "what is it ?", "visuals": [image(32, 32, 0)]}
+    efficiency = {}
+    for method, budget in (("none", {}), ("random", {"tokens": 4}), ("pdrop", {"retention": 0.5})):
+        w = LlavaRedundancy(pretrained=str(tiny_models["llava"]), device="cpu", dtype="float32", method=method, **budget)
+        w.generate_until(requests_for(w, [doc]))
+        efficiency[method] = w.ledger.samples[-1]["efficiency"]
+        summary = summarize(w.ledger.samples)
+        assert summary["llm_prefill_flops_ratio"] == efficiency[method]["llm_prefill_flops"] / efficiency["none"]["llm_prefill_flops"]
+    assert {e["llm_prefill_flops_unpruned"] for e in efficiency.values()} == {efficiency["none"]["llm_prefill_flops"]}
+    pdrop_units = summarize(w.ledger.samples)
+    assert pdrop_units["visual_tokens_after"] == 2 and pdrop_units["visual_tokens_layer_mean"] == (16 + 8 + 4 + 2) / 4

@@ -7,7 +7,14 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import FAMILIES, REPO, image, requests_for
+from conftest import (
+    FAMILIES,
+    REPO,
+    image,
+    prefill_stages,
+    pruned_reference_generate,
+    requests_for,
+)
 from transformers import AutoModelForImageTextToText
 
 from lmms_eval_redundancy.core.budget import KEEP_ALL
@@ -207,4 +214,17 @@ def test_two_cuts_equal_a_no_cache_reference_masking_each_stages_dropped_keys(ti
     assert [r.layers for r in records[0]] and sum(r.layers[3] for r in records[0]) == n // 4
     reference = masked_reference_generate(tiny_models[family], batch, kept[0], 1, 6, w.engine.family.placeholder_ids,
                                           later=(3, kept[1]), renumber=renumber)
+    assert out[0].tolist() == reference
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_generation_equals_the_shared_no_cache_reference(tiny_models, family):
+    w = wrapper(tiny_models[family], method="fastv", retention=0.3)
+    _, batch, records = w._build([requests_for(w, DOCS[2:])[0].args])
+    stages = prefill_stages(w, batch, records)
+    with torch.no_grad(), w.engine.around_llm(batch, records):
+        out = w.model.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, max_new_tokens=6,
+                               do_sample=False, suppress_tokens=w.engine.family.placeholder_ids,
+                               pad_token_id=w.tokenizer.pad_token_id, eos_token_id=w.tokenizer.eos_token_id)
+    reference = pruned_reference_generate(tiny_models[family], batch, stages, [2], False, 6, w.engine.family.placeholder_ids)
     assert out[0].tolist() == reference

@@ -39,7 +39,7 @@ def test_runs_differing_only_in_seed_are_two_rows(tmp_path):
     assert sorted(rows.index) == ["random retention=0.5 (seed=0)", "random retention=0.5 (seed=1)"]
     assert rows.loc["random retention=0.5 (seed=0)", "t (exact_match)"] == 0.5
     assert rows.loc["random retention=0.5 (seed=1)", "t (exact_match)"] == 0.75
-    assert (rows["retained tokens / sample"] == 8).all()  # one run each: nothing summed
+    assert (rows["tokens after last cut / sample"] == 8).all()  # one run each: nothing summed
 
 
 def test_runs_differing_only_in_the_codebook_file_are_two_rows_and_paths_do_not_count(tmp_path):
@@ -60,7 +60,7 @@ def test_an_identical_rerun_is_reported_as_a_duplicate_not_summed(tmp_path):
     tables, duplicates = compare(tmp_path, tmp_path / "compare")
     (table,) = tables.values()
     row = table[table["run"] == "random retention=0.5"].iloc[0]
-    assert row["t (exact_match)"] == 0.25 and row["retained tokens / sample"] == 8  # the newest run, counts not added
+    assert row["t (exact_match)"] == 0.25 and row["tokens after last cut / sample"] == 8  # the newest run, counts not added
     assert len(table) == 2
     (duplicate,) = duplicates
     assert "old" in duplicate["run"] and duplicate["tasks"] == ["t (exact_match)"] and "new" in duplicate["kept"][0]
@@ -121,3 +121,31 @@ def test_tables_print_the_speed_up_with_its_spread_and_keep_the_csv_columns_numb
                           SPREAD: [math.nan, "1.66-1.88", "0.554-1.98 unreliable"]})
     assert list(readable(table)["prefill speed-up"]) == ["1", "1.78 (1.66-1.88)", "0.833 (0.554-1.98) unreliable"]
     assert table["prefill speed-up"].dtype == float and SPREAD not in readable(table)
+
+
+def test_both_token_budgets_are_columns_and_match_places_methods_at_equal_layer_mean_or_flops(tmp_path):
+    import json
+    import math
+
+    runs = [("none", NONE, 16, 16, 1.0), ("a", {"method": "fastv", "budget": "retention=0.25"}, 4, 10, 0.5),
+            ("b", {"method": "fastv", "budget": "retention=0.5"}, 8, 12, 0.75),
+            ("c", {"method": "pdrop", "budget": "retention=0.5"}, 2, 11, 0.7)]
+    for i, (folder, settings, kept, layer_mean, score) in enumerate(runs):
+        record_run(tmp_path / folder, f"20260101_00000{i}", settings, {"t": score}, kept=kept)
+        tokens_file = tmp_path / folder / f"20260101_00000{i}_tokens.json"
+        tokens = json.loads(tokens_file.read_text())
+        tokens_file.write_text(json.dumps({**tokens, "visual_tokens_layer_mean": 4 * layer_mean}))
+    tables, _ = compare(tmp_path, tmp_path / "compare", match="layer_mean")
+    table = tables["tiny"].set_index("run")
+    assert table.loc["pdrop retention=0.5", "tokens after last cut / sample"] == 2
+    assert table.loc["pdrop retention=0.5", "layer-mean tokens / sample"] == 11
+    matched = tables["tiny at equal layer_mean"]
+    assert matched["layer-mean tokens / sample"].tolist() == [10, 11, 12]
+    assert matched["fastv"].tolist() == [50, 62.5, 75]  # between its runs at 10 and 12: linear
+    assert math.isnan(matched["pdrop"][0]) and matched["pdrop"][1] == 70 and math.isnan(matched["pdrop"][2])
+    assert (tmp_path / "compare" / "tiny_score_vs_layer_mean.png").is_file()
+    assert (tmp_path / "compare" / "tiny_at_equal_layer_mean.md").is_file()
+    tables, _ = compare(tmp_path, tmp_path / "flops", match="flops")
+    matched = tables["tiny at equal flops"]
+    assert matched["FLOPs ratio"].tolist() == [(100 * k + 10) / 1610 for k in (2, 4, 8)]
+    assert matched["pdrop"][0] == 70 and matched["fastv"].tolist()[1:] == [50, 75]

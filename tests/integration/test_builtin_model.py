@@ -110,8 +110,10 @@ def test_main_job_sweeps_every_method_at_several_budgets(tmp_path):
     spec = sweep_spec(tmp_path / "results", tmp_path / "tasks", batch_size=8)
     methods = {m["method"]: m for m in spec["methods"]}
     assert set(methods) == set(available_methods()) - {UNPRUNED}
-    assert all(0.05 in m["budgets"]["retention"] and len(m["budgets"]["retention"]) >= 3 for m in methods.values())
-    assert len(methods["codebook"]["budgets"]["threshold"]) >= 2 and methods["codebook"]["codebook"] == str(CODEBOOK)
+    assert all(m["budgets"]["retention"] == [0.1, 0.25] for m in methods.values())
+    # the codebook also at the thresholds calibrated to keep those shares of the tokens
+    assert methods["codebook"]["budgets"]["threshold"] == json.loads(load_codebook(CODEBOOK).meta["thresholds"])[:2]
+    assert methods["codebook"]["codebook"] == str(CODEBOOK)
     assert methods["pooling"]["anyres"] == "base_only"  # pooling needs a token grid: the base view
     assert all(str(tmp_path) in spec[key] for key in ("output", "include_path"))
 

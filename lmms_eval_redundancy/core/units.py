@@ -36,8 +36,8 @@ def visual_units(visual: PackedVisual, key: str, anyres: str = "full") -> tuple[
     """The positions and ``VisualUnit`` of each unit of ``policy_units``, and whether newline tokens are kept."""
     positions, grids, keep_newlines = policy_units(visual, anyres)
     units = [VisualUnit(visual.features[where], key=f"{key}/{visual.kind}{index}", grid=grid, tiles=visual.tiles[where],
-                        patches=visual.patches[where], vision={need: data[where] for need, data in visual.vision.items()},
-                        tile_vision=visual.tile_vision)
+                        patches=visual.patches[where], tile_vision=visual.tile_vision,
+                        vision={need: data[where] for need, data in visual.vision.items()})
              for index, (where, grid) in enumerate(zip(positions, grids))]
     return positions, units, keep_newlines
 
@@ -83,7 +83,7 @@ def apply_selections(visual: PackedVisual, positions: list[torch.Tensor], select
 
 
 def place_merged(features: torch.Tensor, keep_mask: torch.Tensor, merged: list[torch.Tensor], slots: list) -> torch.Tensor:
-    """Kept rows of ``features`` in order, with each merged token right after (or, flagged, right before) its anchor row."""
+    """Kept rows of ``features`` in order, each merged token right after (flagged: right before) its anchor row."""
     count = sum(tokens.shape[0] for tokens in merged)
     stride = 2 * count + 2  # room for every merged token on either side of one row
     middle = count + 1

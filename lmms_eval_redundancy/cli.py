@@ -7,6 +7,8 @@ import sys
 
 from lmms_eval_redundancy.core.errors import UserError
 
+CODEBOOKS = "codebooks"  # where codebook builds and imports write unless told otherwise
+
 
 def _at_least(minimum: int):
     """An argparse type: a whole number >= ``minimum``."""
@@ -46,7 +48,8 @@ def _import_codebook(args) -> None:
             print(f"import-codebook: warning: no {' or '.join(missing)} beside {release}: the codebook will not record the "
                   "source image ids or build settings; put the release's files beside it to keep them", file=sys.stderr)
     try:
-        out = import_release(release, args.out, model=args.model, threshold=args.threshold)
+        out = import_release(release, args.out or Path(CODEBOOKS) / release.with_suffix(".safetensors").name,
+                             model=args.model, threshold=args.threshold)
     except OSError as err:
         raise UserError(f"cannot write the codebook to {args.out} ({err}); give a writable path") from err
     codebook = load_codebook(out)
@@ -81,9 +84,9 @@ def _make_local_data(args) -> None:
 
 
 def _tasks_path(args) -> None:
-    from importlib import resources
+    from lmms_eval_redundancy.core.files import product_folder
 
-    print(resources.files("lmms_eval_redundancy") / "tasks" / "paper")
+    print(product_folder("tasks") / "paper")
 
 
 def _train_shapes(args) -> None:
@@ -165,6 +168,7 @@ def _build_codebook(args) -> None:
     from lmms_eval_redundancy.codebook.builder import build_codebook, load_settings
     from lmms_eval_redundancy.runtime.loading import process_layout
 
+    args.out = args.out or str(Path(CODEBOOKS) / Path(args.pretrained.rstrip("/")).name)
     settings = load_settings(args.settings, batch_size=args.batch_size, skip_article=args.skip_article,
                              divergence=args.divergence)
     path = build_codebook(args.pretrained, args.images, args.out, settings, limit=args.limit, device=args.device)
@@ -264,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("import-codebook", help="convert a paper release .pt into the project's codebook format")
     p.add_argument("release", help="the released .pt tensor (its .json and config*.txt are read from beside it)")
-    p.add_argument("out", help="output .safetensors file (or a folder)")
+    p.add_argument("out", nargs="?", help=f"output .safetensors file or folder (default: {CODEBOOKS}/<release name>.safetensors)")
     p.add_argument("--model", help="checkpoint the codebook belongs to (default: recognised from the folder name)")
     p.add_argument("--threshold", type=float, help="recommended threshold= budget (default: the released one)")
     p.set_defaults(func=_import_codebook)
@@ -272,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build-codebook", help="build a redundancy codebook for a checkpoint from training images")
     p.add_argument("pretrained", help="checkpoint folder or hub id")
     p.add_argument("images", help="a folder of images, or a dataset saved with datasets' save_to_disk (column 'image')")
-    p.add_argument("out", help="output folder: codebook.safetensors, report.json, plots, probes/ (the resumable cache)")
+    p.add_argument("out", nargs="?", help="output folder: codebook.safetensors, report.json, plots, probes/ (the resumable "
+                   f"cache; default: {CODEBOOKS}/<checkpoint name>)")
     p.add_argument("--settings", default="llava15", help="a YAML of build settings (may name a 'preset:') or a preset: "
                    "llava15, llavanext, llavaov")
     p.add_argument("--limit", type=_at_least(1), help="use only the first N images")

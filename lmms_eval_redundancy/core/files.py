@@ -5,9 +5,17 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from importlib import resources
 from pathlib import Path
 
 from lmms_eval_redundancy.core.errors import UserError
+
+
+def product_folder(name: str) -> Path:
+    """A top-level folder of the product (``tasks``, ``codebooks``): inside the installed package, where the
+    wheel maps it, else at the top of the source checkout (an editable install)."""
+    installed = Path(str(resources.files("lmms_eval_redundancy") / name))
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[2] / name
 
 
 def content_id(path: str | Path, length: int = 10) -> str:

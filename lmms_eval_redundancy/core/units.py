@@ -86,7 +86,7 @@ def apply_selections(visual: PackedVisual, positions: list[torch.Tensor], select
 
 
 def place_merged(features: torch.Tensor, keep_mask: torch.Tensor, merged: list[torch.Tensor], slots: list) -> torch.Tensor:
-    """Kept rows of ``features`` in order, with each merged token right after (or, flagged, right before) its anchor row."""
+    """Kept rows of ``features`` in order, each merged token right after (flagged: right before) its anchor row."""
     count = sum(tokens.shape[0] for tokens in merged)
     stride = 2 * count + 2  # room for every merged token on either side of one row
     middle = count + 1

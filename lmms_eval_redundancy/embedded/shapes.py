@@ -1,6 +1,6 @@
 """A deterministic synthetic visual benchmark: small coloured shapes and grey clutter on large redundant backgrounds.
 
-Three local lmms-eval tasks (``lmms_eval_redundancy/tasks/local/shapes_*.yaml``): ``shapes_image`` (colour, shape, count, left/right),
+Three local lmms-eval tasks (``tasks/local/shapes_*.yaml``): ``shapes_image`` (colour, shape, count, left/right),
 ``shapes_multi_image`` (which of two images shows a colour; which shows more objects) and
 ``shapes_video`` (first colour, shape, direction of motion). Answers are single words, cycled so every
 answer of a question type is equally frequent; a model that sees no visual tokens can only guess.

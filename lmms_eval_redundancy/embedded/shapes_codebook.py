@@ -15,14 +15,15 @@ from PIL import Image
 from lmms_eval_redundancy.codebook.builder import build_codebook, load_settings
 from lmms_eval_redundancy.codebook.store import Codebook, load_codebook, save_codebook
 from lmms_eval_redundancy.core.budget import KEEP_ALL
+from lmms_eval_redundancy.core.files import product_folder
 from lmms_eval_redundancy.core.registry import UNPRUNED, build_method
 from lmms_eval_redundancy.embedded import shapes
 from lmms_eval_redundancy.embedded.training import TrainSettings
 from lmms_eval_redundancy.methods.codebook import redundancy_scores
 from lmms_eval_redundancy.runtime.engine import PruningEngine
-from lmms_eval_redundancy.runtime.loading import BUILTIN, load
+from lmms_eval_redundancy.runtime.loading import load
 
-CODEBOOK = Path(str(BUILTIN / "shapes_codebook" / "codebook.safetensors"))  # what the main job uses
+CODEBOOK = product_folder("codebooks") / "shapes" / "codebook.safetensors"  # what the main job uses
 
 
 def prunable_tokens(loaded, images: list[bytes]) -> list[torch.Tensor]:

@@ -1,7 +1,7 @@
 """The local lmms-eval tasks, written where the user asks: task files from the package, data generated.
 
-``write_local_tasks(folder)`` copies the task YAMLs and their ``utils.py`` (package data,
-``lmms_eval_redundancy/tasks/local``) into ``folder`` and generates their data under ``folder/data``:
+``write_local_tasks(folder)`` copies the task YAMLs and their ``utils.py`` (``tasks/local``, shipped
+inside the package) into ``folder`` and generates their data under ``folder/data``:
 the tiny tasks and the shapes benchmark. ``folder`` is then the ``--include_path`` of an ``lmms_eval`` run.
 Data written by another version of the generators (or with another size) is regenerated, never reused.
 """
@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from importlib import resources
 from pathlib import Path
 
+from lmms_eval_redundancy.core.files import product_folder
 from lmms_eval_redundancy.embedded import localdata, shapes
 
-TASK_FILES = resources.files("lmms_eval_redundancy") / "tasks" / "local"
+TASK_FILES = product_folder("tasks") / "local"
 
 
 def data_stamp(shapes_docs: int) -> str:

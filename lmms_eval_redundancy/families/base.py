@@ -2,7 +2,8 @@
 
 Vision side: encode processor outputs into complete ``PackedVisual`` lists (one per sample), serve the
 vision-tower data methods declare (``VisionNeed``) through hooks that compute only what is asked, align
-per-patch data to the packed order, project vision states into the LLM's input space. LLM side: the decoder layers, query/key projections with rotary embeddings,
+per-patch data to the packed order, project vision states into the LLM's input space. LLM side: the
+decoder layers, query/key projections with rotary embeddings,
 and the per-position inputs of a decoder layer. Methods use only these, never model internals.
 """
 
@@ -118,8 +119,9 @@ class Family:
                                                   data.split(self.tiles_per_image(inputs))):
                     visual.vision[need], visual.tile_vision[need] = aligned, tiles
             if videos:
-                for visual, aligned, frames in zip(videos, *self.align_video(self.patch_data(need, per_forward.pop(0)), inputs)):
-                    visual.vision[need], visual.tile_vision[need] = aligned, frames
+                aligned, frames = self.align_video(self.patch_data(need, per_forward.pop(0)), inputs)
+                for visual, tokens, per_frame in zip(videos, aligned, frames):
+                    visual.vision[need], visual.tile_vision[need] = tokens, per_frame
         grouped, i, v = [], 0, 0
         for n_img, n_vid in zip(images_per_sample, videos_per_sample):
             grouped.append(images[i:i + n_img] + videos[v:v + n_vid])
@@ -168,7 +170,8 @@ class Family:
     def _attention_hook(self, needs: list[VisionNeed], captured: dict, timing):
         """A pre-hook on a vision attention module computing the rows ``needs`` ask for from its q/k projections."""
         if any(n.kind == "cls_attention" for n in needs) and not self.vision_has_cls:
-            raise FamilyError(f"{type(self.model.model.vision_tower).__name__} has no [CLS] token to read attention from")
+            tower = type(self.model.model.vision_tower).__name__
+            raise FamilyError(f"{tower} has no [CLS] token to read attention from")
         all_rows = any(n.kind == "received_attention" for n in needs)
 
         def hook(module, args, kwargs):

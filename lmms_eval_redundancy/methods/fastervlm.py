@@ -27,13 +27,9 @@ from lmms_eval_redundancy.methods.base import (
 )
 
 
-def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Sorted indices of the ``k`` highest scores (ties to the lower index)."""
-    return torch.sort(scores, descending=True, stable=True).indices[:k].sort().values
-
-
 def top_k_batch(scores: list[torch.Tensor], ks: list[int]) -> list[torch.Tensor]:
-    """``top_k`` of several score vectors in one sort, padded with ``-inf`` (same picks as one at a time)."""
+    """Sorted indices of the ``k`` highest scores of each vector (ties to the lower index), in one sort over
+    vectors padded with ``-inf`` (the same picks as one vector at a time)."""
     padded = torch.nn.utils.rnn.pad_sequence(scores, batch_first=True, padding_value=-float("inf"))
     order = torch.sort(padded, dim=1, descending=True, stable=True).indices
     return [order[row, :k].sort().values for row, k in enumerate(ks)]

@@ -49,7 +49,7 @@ def test_a_wheel_install_runs_the_builtin_model_on_tasks_it_writes_into_an_empty
                     str(REPO)], check=True, capture_output=True, timeout=600)
     (wheel,) = wheels.glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for data in ("builtin/shapes/model.safetensors", "builtin/shapes_codebook/codebook.safetensors",
+    for data in ("builtin/shapes/model.safetensors", "codebooks/shapes/codebook.safetensors",
                  "tasks/local/shapes_image.yaml", "tasks/local/utils.py", "tasks/paper/redundancy_video.yaml",
                  "codebook/presets/llava15.yaml", "published/llava_published.csv", "published/lmms_eval_tasks.csv"):
         assert f"lmms_eval_redundancy/{data}" in names, data
@@ -68,7 +68,12 @@ def test_a_wheel_install_runs_the_builtin_model_on_tasks_it_writes_into_an_empty
                                        limit=8, env={"PYTHONPATH": str(site)}, cwd=empty)
     assert results["results"]["shapes_image"]["exact_match,none"] >= 0.5
     assert tokens["settings"]["pretrained"] == "builtin:shapes"
-    assert sorted(p.name for p in empty.iterdir()) == ["out", "tasks"]  # it wrote only where it was pointed
+    codebook = site / "lmms_eval_redundancy" / "codebooks" / "shapes" / "codebook.safetensors"
+    _, tokens, _ = run_lmms_eval(f"pretrained=builtin:shapes,method=codebook,codebook={codebook},retention=0.25",
+                                 empty / "out_codebook", empty / "tasks", tasks="shapes_image", limit=4,
+                                 env={"PYTHONPATH": str(site)}, cwd=empty)
+    assert tokens["settings"]["paths"]["codebook"] == str(codebook) and tokens["achieved_retention"] == 0.25
+    assert sorted(p.name for p in empty.iterdir()) == ["out", "out_codebook", "tasks"]  # only where it was pointed
 
 
 def test_a_newly_registered_method_is_in_every_generated_parametrisation(tmp_path):

@@ -103,6 +103,14 @@ def tracked_files() -> list[Path]:
     return [REPO / line for line in listing.splitlines()]
 
 
+def test_the_top_level_shows_the_product():
+    top = {p.relative_to(REPO).parts[0] for p in tracked_files()}
+    assert {"lmms_eval_redundancy", "tasks", "codebooks", "results", "scripts", "tests", "setup.cfg"} <= top
+    assert (REPO / "tasks" / "local" / "shapes_image.yaml").is_file() and (REPO / "tasks" / "paper").is_dir()
+    assert (REPO / "codebooks" / "shapes" / "codebook.safetensors").is_file()
+    assert not (PACKAGE / "tasks").exists() and not (PACKAGE / "codebooks").exists()
+
+
 def test_results_hold_only_the_main_jobs_comparison():
     results = [p.relative_to(REPO) for p in tracked_files() if p.relative_to(REPO).parts[0] == "results"]
     assert results and all(p.parts[:2] == ("results", "compare") and p.stem.startswith("builtin_shapes") for p in results)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from importlib import resources
-from pathlib import Path
-
 import pytest
 import yaml
 
-PAPER = Path(str(resources.files("lmms_eval_redundancy") / "tasks" / "paper"))
+from lmms_eval_redundancy.core.files import product_folder
+
+PAPER = product_folder("tasks") / "paper"
 GROUPS = sorted(PAPER.glob("*.yaml"))
 
 

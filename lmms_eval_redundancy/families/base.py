@@ -99,6 +99,13 @@ class Family:
         ids = self.align_image(torch.stack([tile_map, patch_map], dim=-1).to(device), inputs)
         return [tuple(torch.nan_to_num(packed, nan=-1).round().long().unbind(-1)) for packed in ids]
 
+    def clip_text(self, source: str) -> tuple:
+        """``(text tower, tokenizer, joint-space map)`` of the CLIP checkpoint ``source`` for this model's vision
+        tower, on its device (``families.clip_text``)."""
+        from lmms_eval_redundancy.families.clip_text import load_clip_text
+
+        return load_clip_text(source, self.model.config.vision_config.hidden_size, self.model.device)
+
     def project(self, vision_states: torch.Tensor) -> torch.Tensor:
         """LLM-input tokens ``[M, D]`` from vision-tower states ``[M, C]`` (the multimodal projector)."""
         return self.model.model.multi_modal_projector(vision_states)

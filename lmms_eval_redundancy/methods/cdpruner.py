@@ -56,8 +56,6 @@ PLACEHOLDERS = ("<image>", "<video>")
 # answer-format lines the official eval scripts strip before the text tower (model_vqa_loader.py, model_vqa_science.py)
 ANSWER_FORMATS = ("\nAnswer the question using a single word or phrase.",
                   "\nAnswer with the option's letter from the given choices directly.")
-CLIP_TEXT_FIX = ("clip_text= must name the CLIP checkpoint of the model's vision tower, a folder or hub id that "
-                 "from_pretrained loads (e.g. clip_text=openai/clip-vit-large-patch14-336 for LLaVA-1.5 and LLaVA-NeXT)")
 log = logging.getLogger(__name__)
 
 
@@ -143,40 +141,6 @@ def instruction_text(prompt: str) -> str:
     return prompt.strip()
 
 
-def load_clip_text(source: str, vision_width: int, device) -> tuple:
-    """``(text tower, tokenizer, joint-space map)`` of the CLIP checkpoint ``source`` (float32, frozen): the
-    ``CLIPTextModelWithProjection`` and its tokenizer, and the post-layernorm and visual projection of its
-    ``CLIPVisionModelWithProjection``, checked against the model's vision width."""
-    from transformers import (
-        AutoConfig,
-        AutoTokenizer,
-        CLIPTextModelWithProjection,
-        CLIPVisionModelWithProjection,
-    )
-
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as error:
-        raise MethodError(f"clip_text={source!r} cannot be loaded ({str(error).splitlines()[0]}); {CLIP_TEXT_FIX}") from None
-    if config.model_type != "clip":
-        raise MethodError(f"clip_text={source!r} is a {config.model_type!r} checkpoint, not a CLIP one; {CLIP_TEXT_FIX}")
-    if config.vision_config.hidden_size != vision_width:
-        raise MethodError(f"clip_text={source!r} projects {config.vision_config.hidden_size}-wide vision states, but "
-                          f"this model's vision tower is {vision_width} wide; {CLIP_TEXT_FIX}")
-    try:
-        text = CLIPTextModelWithProjection.from_pretrained(source, dtype=torch.float32)
-        vision = CLIPVisionModelWithProjection.from_pretrained(source, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as error:
-        raise MethodError(f"clip_text={source!r} cannot be loaded ({str(error).splitlines()[0]}); {CLIP_TEXT_FIX}") from None
-    if text.config.projection_dim != vision.config.projection_dim:
-        raise MethodError(f"clip_text={source!r}: its text projection ({text.config.projection_dim}) and visual "
-                          f"projection ({vision.config.projection_dim}) differ in width; {CLIP_TEXT_FIX}")
-    joint = torch.nn.Sequential(vision.vision_model.post_layernorm, vision.visual_projection)
-    return (text.eval().requires_grad_(False).to(device), tokenizer,
-            joint.eval().requires_grad_(False).to(device))
-
-
 @register
 class CDPruner(BeforeLLM):
     """The conditional DPP per view (each anyres view, image or frame), among all its patches, padding included,
@@ -194,7 +158,9 @@ class CDPruner(BeforeLLM):
 
     def validate(self) -> None:
         if not self.params.clip_text:
-            raise MethodError(f"cdpruner needs a CLIP text tower for its relevance term: {CLIP_TEXT_FIX}")
+            raise MethodError("cdpruner needs a CLIP text tower for its relevance term: clip_text= must name the CLIP "
+                              "checkpoint of the model's vision tower, a folder or hub id (e.g. "
+                              "clip_text=openai/clip-vit-large-patch14-336 for LLaVA-1.5 and LLaVA-NeXT)")
         if self.params.theta is not None and not 0 <= self.params.theta < 1:
             raise MethodError(f"theta={self.params.theta} must lie in [0, 1)")
 
@@ -204,7 +170,7 @@ class CDPruner(BeforeLLM):
             raise MethodError(f"cdpruner needs a CLIP vision tower with a [CLS] token (its relevance comes from the "
                               f"matching CLIP text tower); this model's tower is {tower.model_type} and the official "
                               "code has no path for it: choose another method for this model")
-        self.text_model, self.tokenizer, self.joint = load_clip_text(self.params.clip_text, tower.hidden_size, model.device)
+        self.text_model, self.tokenizer, self.joint = family.clip_text(self.params.clip_text)
         self.need = VisionNeed("hidden")
         self.layer = family.vision_feature_layer_index
         self.project = family.project

@@ -24,12 +24,15 @@ import pytest
 import yaml
 from conftest import REPO
 
+from lmms_eval_redundancy.core.registry import available_methods, param_names
+
 HEAD = "output: $out\nmodels: [{pretrained: tiny/llava, name: tiny}]\n"
 METHODS = "methods: [{method: random, budgets: {retention: [0.5]}}]\n"
 TASKS = "tasks: [tiny_image]\n"
 
 # case id -> (spec text (None: no spec file), extra arguments, message excerpt), with $root (the case's folder), $out
 # (the output folder it names) and $tasks (the local tasks)
+SEEDED = [name for name in available_methods() if "seed" in param_names(name)]  # methods taking a seed=
 CASES = {
     "top_level_key_typo": ("output: $out\nmodles: [tiny/llava]\n" + METHODS + TASKS, [],
                            "unknown key 'modles'; did you mean 'models'?"),
@@ -55,7 +58,7 @@ CASES = {
                               "5 problems (nothing was run):\n"
                               "  - methods[0] (random): method random takes no threshold budget; it takes retention, tokens\n"
                               "  - methods[0] (random): seed='abc' is not a whole number\n"
-                              "  - model_args: 'seed' is a parameter of method random; set it in that method's entry "
+                              f"  - model_args: 'seed' is a parameter of method {', '.join(SEEDED)}; set it in that method's entry "
                               "(model_args apply to every cell, the unpruned reference included)\n"
                               "  - model_args: unknown key 'dtyp'; did you mean 'dtype'?\n"
                               "  - slurm: unknown sbatch option 'partiton'; did you mean 'partition'?"),

@@ -89,7 +89,7 @@ def test_a_newly_registered_method_is_in_every_generated_parametrisation(tmp_pat
         "    def select_unit(self, unit):\n"
         "        return Selection(torch.arange(1))\n")
     files = ["tests/integration/test_model.py", "tests/integration/test_local_tasks.py", "tests/unit/test_methods.py"]
-    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "throwaway_method", *files],
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-n", "0", "-p", "throwaway_method", *files],
                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -122,7 +122,7 @@ def test_official_crop_layout_equals_the_grid_walk(width, height):
     assert torch.equal(layout, crop_layout_reference(crop_tokens, dominant, width, height, side))
 
 
-# ---- official cases (/work/shared/fidelity layout: <repo>/../shared/fidelity) ----------------------------
+# ---- official cases (the fidelity folder beside the repository: <repo>/../shared/fidelity) ----------------------------
 
 def fidelity_cases(kind: str):
     path = FIDELITY / "visionzip.json"

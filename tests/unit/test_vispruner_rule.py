@@ -121,7 +121,7 @@ def test_official_anyres_mask_equals_the_grid_walk(image_size, width, height):
         assert single.tolist() == anyres_reference(view_masks[:1], image_size, 1, 1, side, unpad)
 
 
-# ---- official cases (/work/shared/fidelity layout: <repo>/../shared/fidelity) ----------------------------
+# ---- official cases (the fidelity folder beside the repository: <repo>/../shared/fidelity) ----------------------------
 
 def fidelity_cases(kind: str):
     path = FIDELITY / "vispruner.json"

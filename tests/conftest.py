@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from lmms_eval_redundancy.families import FAMILIES
@@ -294,6 +295,23 @@ def record_run(folder: Path, stamp: str, settings: dict, scores: dict[str, float
 
 
 # ---- inside-LLM methods: a plain no-cache reference --------------------------------------------------------
+
+
+# documents of the inside-LLM method tests: one image, two images, one wide image
+STAGE_DOCS = [
+    {"question": "what color is this ?", "visuals": [image(32, 32, 0)]},
+    {"question": "which image is blue ?", "visuals": [image(48, 32, 1), image(32, 56, 2)]},
+    {"question": "what ?", "visuals": [image(64, 40, 3)]},
+]
+
+
+def cached_greedy(w, batch, records, steps: int = 6) -> list[int]:
+    """Greedy tokens of the first sample of ``batch`` with the method's hooks and the KV cache, as a run decodes."""
+    with torch.no_grad(), w.engine.around_llm(batch, records):
+        out = w.model.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                               max_new_tokens=steps, do_sample=False, suppress_tokens=w.engine.family.placeholder_ids,
+                               pad_token_id=w.tokenizer.pad_token_id, eos_token_id=w.tokenizer.eos_token_id)
+    return out[0].tolist()
 
 
 def prefill_state(wrapper, batch, records) -> dict:

@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import (
     FAMILIES,
-    image,
+    STAGE_DOCS,
+    cached_greedy,
     prefill_stages,
     pruned_reference_generate,
     requests_for,
@@ -17,41 +18,27 @@ from lmms_eval_redundancy.core.registry import MethodError
 from lmms_eval_redundancy.lmms.model import LlavaRedundancy
 from lmms_eval_redundancy.methods import dart
 
-DOCS = [
-    {"question": "what color is this ?", "visuals": [image(32, 32, 0)]},
-    {"question": "which image is blue ?", "visuals": [image(48, 32, 1), image(32, 56, 2)]},
-    {"question": "what ?", "visuals": [image(64, 40, 3)]},
-]
-
 
 def wrapper(path, **kwargs):
     return LlavaRedundancy(pretrained=str(path), device="cpu", dtype="float32", method="dart", **kwargs)
 
 
-def generate(w, batch, records, steps: int = 6):
-    with torch.no_grad(), w.engine.around_llm(batch, records):
-        out = w.model.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-                               max_new_tokens=steps, do_sample=False, suppress_tokens=w.engine.family.placeholder_ids,
-                               pad_token_id=w.tokenizer.pad_token_id, eos_token_id=w.tokenizer.eos_token_id)
-    return out[0].tolist()
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_generation_equals_the_no_cache_reference_with_original_positions(tiny_models, family):
     w = wrapper(tiny_models[family], tokens=8, pivot_image=1, pivot_text=1)
-    doc = DOCS[1] if family == "llava" else DOCS[2]
+    doc = STAGE_DOCS[1] if family == "llava" else STAGE_DOCS[2]
     _, batch, records = w._build([requests_for(w, [doc])[0].args])
     stages = prefill_stages(w, batch, records)
     kept = int((stages[1].valid & batch.prunable_mask.gather(1, stages[1].index)).sum())
     assert kept == min(int(batch.prunable_mask.sum()), 1 + 2 * 4)  # P_img + (P_img + P_txt) * (8 // 2)
     reference = pruned_reference_generate(tiny_models[family], batch, stages, [2], False, 6, w.engine.family.placeholder_ids)
-    assert generate(w, batch, records) == reference
+    assert cached_greedy(w, batch, records) == reference
 
 
 @pytest.mark.parametrize("pivot_order", dart.PIVOT_ORDERS)
 def test_the_cut_is_the_pure_rule_on_layer_k_minus_1_keys_and_final_norm_output(tiny_models, pivot_order):
     w = wrapper(tiny_models["llava_onevision"], tokens=8, pivot_image=2, pivot_text=2, pivot_order=pivot_order)
-    _, batch, records = w._build([requests_for(w, DOCS[:1])[0].args])
+    _, batch, records = w._build([requests_for(w, STAGE_DOCS[:1])[0].args])
     family = w.engine.family
     captured = {}
     previous = family.decoder_layers[1]
@@ -88,7 +75,7 @@ def test_official_count_rule_keeps_four_plus_eight_t(tiny_models):
 
 def test_settings_faithful_and_attention_implementation_unchanged(tiny_models):
     w = wrapper(tiny_models["llava_next"], tokens=8, faithful=True, batch_size=2)
-    w.generate_until(requests_for(w, DOCS))
+    w.generate_until(requests_for(w, STAGE_DOCS))
     settings = w.engine.settings()
     assert settings["pivot_order"] == "set" and settings["precision"] == "model" and settings["count"] == "llava"
     assert w.engine.family.text_attention_implementation == "sdpa"

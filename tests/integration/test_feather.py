@@ -7,6 +7,8 @@ import pytest
 import torch
 from conftest import (
     FAMILIES,
+    STAGE_DOCS,
+    cached_greedy,
     image,
     layerwise_reference_generate,
     prefill_state,
@@ -16,12 +18,6 @@ from conftest import (
 from lmms_eval_redundancy.core.registry import MethodError
 from lmms_eval_redundancy.lmms.model import LlavaRedundancy
 from lmms_eval_redundancy.methods import feather
-
-DOCS = [
-    {"question": "what color is this ?", "visuals": [image(32, 32, 0)]},
-    {"question": "which image is blue ?", "visuals": [image(48, 32, 1), image(32, 56, 2)]},
-    {"question": "what ?", "visuals": [image(64, 40, 3)]},
-]
 
 
 def wrapper(path, **kwargs):
@@ -37,7 +33,7 @@ def gathering_cut(stage):
 def test_cached_generation_equals_the_layerwise_no_cache_reference(tiny_models, family):
     w = wrapper(tiny_models[family], retention=0.5)
     assert w.engine.method.stage_layers == [1, 2]  # 8, 16 scaled to the tiny LLM's 4 layers
-    doc = DOCS[1] if family == "llava" else DOCS[2]
+    doc = STAGE_DOCS[1] if family == "llava" else STAGE_DOCS[2]
     _, batch, records = w._build([requests_for(w, [doc])[0].args])
     state = prefill_state(w, batch, records)
     stages = state["stages"]
@@ -49,16 +45,12 @@ def test_cached_generation_equals_the_layerwise_no_cache_reference(tiny_models, 
     assert [sum(layer) for layer in zip(*(unit.layers for unit in records[0]))] == [present[0], present[1], present[2], present[2]]
     cuts = {layer: gathering_cut(stages[j + 1]) for j, layer in enumerate([1, 2])}
     reference = layerwise_reference_generate(tiny_models[family], batch.inputs_embeds, cuts, 6, w.engine.family.placeholder_ids)
-    with torch.no_grad(), w.engine.around_llm(batch, records):
-        out = w.model.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, max_new_tokens=6,
-                               do_sample=False, suppress_tokens=w.engine.family.placeholder_ids,
-                               pad_token_id=w.tokenizer.pad_token_id, eos_token_id=w.tokenizer.eos_token_id)
-    assert out[0].tolist() == reference
+    assert cached_greedy(w, batch, records) == reference
 
 
 def test_stage_one_is_the_top_of_the_rope_free_criterion_united_with_the_grid(tiny_models):
     w = wrapper(tiny_models["llava"], retention=0.3)
-    _, batch, records = w._build([requests_for(w, DOCS[:1])[0].args])
+    _, batch, records = w._build([requests_for(w, STAGE_DOCS[:1])[0].args])
     inputs = {}
     layer = w.engine.family.decoder_layers[0]  # stage 1 (layer 1) is scored on layer 0's input
 
@@ -97,7 +89,7 @@ def test_stride_grid_per_view_with_newlines_off_the_grid(tiny_models):
 
 def test_tokens_budget_is_the_layer_mean_and_settings_mark_the_port(tiny_models):
     w = wrapper(tiny_models["llava_onevision"], tokens=6, faithful=True)
-    w.generate_until(requests_for(w, DOCS[:1]))
+    w.generate_until(requests_for(w, STAGE_DOCS[:1]))
     settings = w.engine.settings()
     assert settings["precision"] == "model" and settings["stage_layers"] == [1, 2] and "port" in settings["port"].lower()
     assert w.engine.family.text_attention_implementation == "sdpa"
@@ -123,4 +115,4 @@ def test_stage_layers_fit_or_scale_to_the_depth_and_stride_is_checked(tiny_model
 def test_eager_attention_gives_the_same_pruned_output_as_sdpa(tiny_models):
     sdpa = wrapper(tiny_models["llava_onevision"], retention=0.5, batch_size=2)
     eager = wrapper(tiny_models["llava_onevision"], retention=0.5, batch_size=2, attn_implementation="eager")
-    assert eager.generate_until(requests_for(eager, DOCS)) == sdpa.generate_until(requests_for(sdpa, DOCS))
+    assert eager.generate_until(requests_for(eager, STAGE_DOCS)) == sdpa.generate_until(requests_for(sdpa, STAGE_DOCS))

@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import (
     FAMILIES,
-    image,
+    STAGE_DOCS,
+    cached_greedy,
     prefill_stages,
     pruned_reference_generate,
     requests_for,
@@ -18,30 +19,16 @@ from lmms_eval_redundancy.lmms.model import LlavaRedundancy
 from lmms_eval_redundancy.methods import pdrop
 from lmms_eval_redundancy.methods.base import fitted_layers
 
-DOCS = [
-    {"question": "what color is this ?", "visuals": [image(32, 32, 0)]},
-    {"question": "which image is blue ?", "visuals": [image(48, 32, 1), image(32, 56, 2)]},
-    {"question": "what ?", "visuals": [image(64, 40, 3)]},
-]
-
 
 def wrapper(path, **kwargs):
     return LlavaRedundancy(pretrained=str(path), device="cpu", dtype="float32", method="pdrop", **kwargs)
-
-
-def generate(w, batch, records, steps: int = 6):
-    with torch.no_grad(), w.engine.around_llm(batch, records):
-        out = w.model.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-                               max_new_tokens=steps, do_sample=False, suppress_tokens=w.engine.family.placeholder_ids,
-                               pad_token_id=w.tokenizer.pad_token_id, eos_token_id=w.tokenizer.eos_token_id)
-    return out[0].tolist()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_generation_equals_the_no_cache_reference_with_renumbered_positions(tiny_models, family):
     w = wrapper(tiny_models[family], retention=0.5)
     assert w.engine.method.layers == [1, 2, 3]  # 8, 16, 24 scaled to the tiny LLM's 4 layers
-    doc = DOCS[1] if family == "llava" else DOCS[2]
+    doc = STAGE_DOCS[1] if family == "llava" else STAGE_DOCS[2]
     _, batch, records = w._build([requests_for(w, [doc])[0].args])
     stages = prefill_stages(w, batch, records)
     n = int(batch.prunable_mask.sum())
@@ -49,13 +36,13 @@ def test_cached_generation_equals_the_no_cache_reference_with_renumbered_positio
     assert kept == pdrop.stage_counts(n, pdrop.ratios_for(0.5, 3))
     assert [sum(layer) for layer in zip(*(unit.layers for unit in records[0]))] == kept
     reference = pruned_reference_generate(tiny_models[family], batch, stages, [1, 2, 3], True, 6, w.engine.family.placeholder_ids)
-    assert generate(w, batch, records) == reference
+    assert cached_greedy(w, batch, records) == reference
 
 
 def test_stage_cut_ranks_by_the_layers_own_last_token_attention(tiny_models):
     """The first cut keeps the top tokens of the pure rule ``pdrop.stage`` applied to layer 1's input and weights."""
     w = wrapper(tiny_models["llava"], retention=0.5)
-    _, batch, records = w._build([requests_for(w, DOCS[:1])[0].args])
+    _, batch, records = w._build([requests_for(w, STAGE_DOCS[:1])[0].args])
     inputs = {}
     layer = w.engine.family.decoder_layers[1]
     def capture(module, args, kwargs):
@@ -80,7 +67,7 @@ def test_stage_cut_ranks_by_the_layers_own_last_token_attention(tiny_models):
 
 def test_tokens_budget_is_the_layer_mean_and_records_every_layer(tiny_models):
     w = wrapper(tiny_models["llava_next"], tokens=6, batch_size=2)
-    w.generate_until(requests_for(w, DOCS))
+    w.generate_until(requests_for(w, STAGE_DOCS))
     assert w.engine.settings()["lambda_at_576"] == pdrop.solve_lambda(576, 6, [1, 2, 3], 4)
     for sample in w.ledger.samples:
         n = sum(u["before"] for u in sample["units"])
@@ -91,7 +78,7 @@ def test_tokens_budget_is_the_layer_mean_and_records_every_layer(tiny_models):
 
 def test_settings_faithful_and_attention_implementation_unchanged(tiny_models):
     w = wrapper(tiny_models["llava_onevision"], retention=0.5, faithful=True)
-    w.generate_until(requests_for(w, DOCS[:1]))
+    w.generate_until(requests_for(w, STAGE_DOCS[:1]))
     settings = w.engine.settings()
     assert settings["precision"] == "model" and settings["stage_layers"] == [1, 2, 3] and settings["lambda"] == 0.5
     assert w.engine.family.text_attention_implementation == "sdpa"

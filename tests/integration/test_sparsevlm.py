@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import (
     FAMILIES,
-    image,
+    STAGE_DOCS,
+    cached_greedy,
     layerwise_reference_generate,
     prefill_state,
     requests_for,
@@ -17,23 +18,9 @@ from lmms_eval_redundancy.core.registry import MethodError
 from lmms_eval_redundancy.lmms.model import LlavaRedundancy
 from lmms_eval_redundancy.methods import sparsevlm
 
-DOCS = [
-    {"question": "what color is this ?", "visuals": [image(32, 32, 0)]},
-    {"question": "which image is blue ?", "visuals": [image(48, 32, 1), image(32, 56, 2)]},
-    {"question": "what ?", "visuals": [image(64, 40, 3)]},
-]
-
 
 def wrapper(path, **kwargs):
     return LlavaRedundancy(pretrained=str(path), device="cpu", dtype="float32", method="sparsevlm", **kwargs)
-
-
-def generate(w, batch, records, steps: int = 6) -> list[int]:
-    with torch.no_grad(), w.engine.around_llm(batch, records):
-        out = w.model.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-                               max_new_tokens=steps, do_sample=False, suppress_tokens=w.engine.family.placeholder_ids,
-                               pad_token_id=w.tokenizer.pad_token_id, eos_token_id=w.tokenizer.eos_token_id)
-    return out[0].tolist()
 
 
 def merging_cut(stage, plan):
@@ -53,7 +40,7 @@ def merging_cut(stage, plan):
 def test_cached_generation_equals_the_layerwise_no_cache_reference(tiny_models, family):
     w = wrapper(tiny_models[family], tokens=192)
     assert w.engine.method.stage_layers == [0, 1, 2]  # 2, 6, 15 scaled to the tiny LLM's 4 layers
-    doc = DOCS[1] if family == "llava" else DOCS[2]
+    doc = STAGE_DOCS[1] if family == "llava" else STAGE_DOCS[2]
     _, batch, records = w._build([requests_for(w, [doc])[0].args])
     state = prefill_state(w, batch, records)
     stages = state["stages"]
@@ -70,12 +57,12 @@ def test_cached_generation_equals_the_layerwise_no_cache_reference(tiny_models, 
     assert [sum(layer) for layer in zip(*(unit.layers for unit in records[0]))] == expected
     cuts = {layer + 1: merging_cut(stages[j + 1], state["plans"][j][0]) for j, layer in enumerate([0, 1, 2])}
     reference = layerwise_reference_generate(tiny_models[family], batch.inputs_embeds, cuts, 6, w.engine.family.placeholder_ids)
-    assert generate(w, batch, records) == reference
+    assert cached_greedy(w, batch, records) == reference
 
 
 def test_merged_tokens_follow_the_kept_visual_tokens_and_raters_come_from_the_input_embeddings(tiny_models):
     w = wrapper(tiny_models["llava_next"], tokens=128)
-    _, batch, records = w._build([requests_for(w, DOCS[2:])[0].args])
+    _, batch, records = w._build([requests_for(w, STAGE_DOCS[2:])[0].args])
     state = prefill_state(w, batch, records)
     visual = torch.nonzero(batch.visual_mask[0]).flatten()
     text = torch.arange(int(visual.max()) + 1, batch.visual_mask.shape[1])
@@ -91,20 +78,20 @@ def test_merged_tokens_follow_the_kept_visual_tokens_and_raters_come_from_the_in
 def test_density_noise_is_seeded_per_sample_and_stage(tiny_models):
     one = wrapper(tiny_models["llava_next"], tokens=64, batch_size=1)
     two = wrapper(tiny_models["llava_next"], tokens=64, batch_size=2)
-    assert two.generate_until(requests_for(two, DOCS)) == one.generate_until(requests_for(one, DOCS))
+    assert two.generate_until(requests_for(two, STAGE_DOCS)) == one.generate_until(requests_for(one, STAGE_DOCS))
     units = lambda w: sorted((s["doc_id"], u["visual"], u["after"], u.get("merged"), tuple(u["layers"]))  # noqa: E731
                              for s in w.ledger.samples for u in s["units"])
     assert units(one) == units(two)
     other_seed = wrapper(tiny_models["llava_next"], tokens=64, seed=1)
-    _, batch, records = other_seed._build([requests_for(other_seed, DOCS[2:])[0].args])
-    _, batch_one, records_one = one._build([requests_for(one, DOCS[2:])[0].args])
+    _, batch, records = other_seed._build([requests_for(other_seed, STAGE_DOCS[2:])[0].args])
+    _, batch_one, records_one = one._build([requests_for(one, STAGE_DOCS[2:])[0].args])
     noise = [prefill_state(w, b, r)["plans"][0][0][2] for w, b, r in ((one, batch_one, records_one), (other_seed, batch, records))]
     assert not torch.equal(*noise)
 
 
 def test_budgets_settings_faithful_and_attention_implementation_unchanged(tiny_models):
     w = wrapper(tiny_models["llava_onevision"], tokens=100, faithful=True)
-    w.generate_until(requests_for(w, DOCS[:1]))
+    w.generate_until(requests_for(w, STAGE_DOCS[:1]))
     settings = w.engine.settings()
     assert settings["precision"] == "model" and settings["variant"] == "v1.5" and settings["stage_layers"] == [0, 1, 2]
     assert settings["budget_scale"] != 1.0 and abs(settings["layer_mean_at_576"] - 100) < 1
@@ -134,7 +121,7 @@ def test_first_cut_keeps_the_top_tokens_of_the_pure_rule_on_the_stage_layer(tiny
     import sys
 
     w = wrapper(tiny_models["llava_onevision"], tokens=128)  # Qwen2: grouped-query heads, q/k biases
-    _, batch, records = w._build([requests_for(w, DOCS[2:])[0].args])
+    _, batch, records = w._build([requests_for(w, STAGE_DOCS[2:])[0].args])
     inputs = {}
     layer = w.engine.family.decoder_layers[0]
 
@@ -181,19 +168,19 @@ def test_v1_rank_rule_on_a_six_layer_llm_equals_the_reference_and_batches_alike(
     path = deeper_copy(tiny_models["llava_next"], tmp_path / "six", 6)
     w = wrapper(path, tokens=64, variant="v1")
     assert w.engine.method.stage_layers == [0, 1, 3, 4]  # 2, 6, 15, 19 scaled to 6 layers
-    _, batch, records = w._build([requests_for(w, DOCS[2:])[0].args])
+    _, batch, records = w._build([requests_for(w, STAGE_DOCS[2:])[0].args])
     state = prefill_state(w, batch, records)
     rank = int(torch.linalg.matrix_rank(state["blocks"][0].float()[None])[0])
     assert len(state["stages"]) == 5 and rank <= state["raters"][0].numel() and 0 in state["plans"]
     cuts = {layer + 1: merging_cut(state["stages"][j + 1], state["plans"][j][0])
             for j, layer in enumerate([0, 1, 3, 4]) if state["plans"].get(j)}
     reference = layerwise_reference_generate(path, batch.inputs_embeds, cuts, 6, w.engine.family.placeholder_ids)
-    assert generate(w, batch, records) == reference
+    assert cached_greedy(w, batch, records) == reference
     one, two = wrapper(path, tokens=64, variant="v1"), wrapper(path, tokens=64, variant="v1", batch_size=2)
-    assert two.generate_until(requests_for(two, DOCS)) == one.generate_until(requests_for(one, DOCS))
+    assert two.generate_until(requests_for(two, STAGE_DOCS)) == one.generate_until(requests_for(one, STAGE_DOCS))
 
 
 def test_eager_attention_gives_the_same_pruned_output_as_sdpa(tiny_models):
     sdpa = wrapper(tiny_models["llava_next"], tokens=128, batch_size=2)
     eager = wrapper(tiny_models["llava_next"], tokens=128, batch_size=2, attn_implementation="eager")
-    assert eager.generate_until(requests_for(eager, DOCS)) == sdpa.generate_until(requests_for(sdpa, DOCS))
+    assert eager.generate_until(requests_for(eager, STAGE_DOCS)) == sdpa.generate_until(requests_for(sdpa, STAGE_DOCS))

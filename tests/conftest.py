@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import io
 import json
 import os
 import re
@@ -180,6 +182,23 @@ def tiny_clip(vision_width: int = 32) -> Path:
     from lmms_eval_redundancy.families.tiny import build_tiny_clip
 
     return build_tiny_clip(Path(tempfile.mkdtemp(prefix="tiny_clip_")) / "clip", vision_width)
+
+
+def cli_in_process(*args) -> subprocess.CompletedProcess:
+    """``lmms-eval-redundancy ARGS`` run by its own ``main`` in this process (the command's whole code path
+    without a process start): the exit status (0, or the ``SystemExit`` code) and what it printed."""
+    from lmms_eval_redundancy.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(arg) for arg in args])
+        except SystemExit as ended:
+            code = ended.code if isinstance(ended.code, int) else 1
+            if not isinstance(ended.code, (int, type(None))):
+                print(ended.code, file=sys.stderr)
+    return subprocess.CompletedProcess(["lmms-eval-redundancy", *map(str, args)], code or 0, out.getvalue(), err.getvalue())
 
 
 def supports(method: str, family: str) -> bool:

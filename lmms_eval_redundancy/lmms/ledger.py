@@ -20,15 +20,28 @@ import time
 import uuid
 from pathlib import Path
 
+import yaml
+
 from lmms_eval_redundancy.core.errors import UserError
 from lmms_eval_redundancy.core.files import write_atomically
 
 
-def output_path_from_argv(argv: list[str]) -> str | None:
-    """The ``--output_path`` of the running ``lmms_eval`` command, if any."""
+def output_path_from_argv(argv: list[str], model_args: str | None = None) -> str | None:
+    """The ``--output_path`` of the running ``lmms_eval`` command, if any; under ``--config`` (a YAML run or list
+    of runs) without one, the ``output_path`` of the ``llava_redundancy`` run whose model_args are ``model_args``."""
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--output_path", default=None)
-    return parser.parse_known_args(argv)[0].output_path
+    parser.add_argument("--config", default=None)
+    given = parser.parse_known_args(argv)[0]
+    if given.output_path or not given.config or model_args is None:
+        return given.output_path
+    runs = yaml.safe_load(Path(given.config).read_text())
+    paths = {run.get("output_path") for run in (runs if isinstance(runs, list) else [runs])
+             if run.get("model") == "llava_redundancy" and run.get("model_args") == model_args}
+    if len(paths) > 1:
+        raise UserError(f"{given.config} has several llava_redundancy runs with model_args {model_args!r} and different "
+                        "output_path values; add output_dir=<the run's output_path> to each run's model_args")
+    return paths.pop() if paths else None
 
 
 def launch_id(world_size: int) -> str:

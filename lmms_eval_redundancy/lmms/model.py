@@ -7,6 +7,7 @@ import contextlib
 import difflib
 import functools
 import inspect
+import sys
 
 import torch
 from accelerate import Accelerator
@@ -27,7 +28,11 @@ from lmms_eval_redundancy.core.registry import (
     param_names,
 )
 from lmms_eval_redundancy.core.values import positive_int, strict_bool
-from lmms_eval_redundancy.lmms.ledger import TokenLedger, results_dir_for
+from lmms_eval_redundancy.lmms.ledger import (
+    TokenLedger,
+    output_path_from_argv,
+    results_dir_for,
+)
 from lmms_eval_redundancy.runtime.efficiency import (
     BatchMeter,
     cache_bytes,
@@ -189,6 +194,7 @@ class LlavaRedundancy(lmms):
             twice = sorted(set(args) & set(options))
             if twice:
                 raise UserError(f"{twice[0]} is given twice, in --model_args and as lmms-eval's --{twice[0]}; give it once")
+            args.setdefault("output_dir", output_path_from_argv(sys.argv[1:], arg_string))
             model = cls(**args, **options)
         model.run_by_lmms_eval = True
         return model

@@ -1,10 +1,11 @@
-"""Bad model_args, options and files through the real ``python -m lmms_eval --model llava_redundancy``.
+"""Bad model_args, options and files given to ``--model llava_redundancy``.
 
-Each refused run must exit with status 1 and ``llava_redundancy: error: <message>`` (no traceback) and leave
-no results, token summary or token log under ``--output_path``. Most cases fail before any model loads; they
-run two processes at a time. More cases go through lmms-eval's constructor in this process (the same code
-path, without a process start each). One run checks that ``faithful=no`` means false; one fills the disk
-as the token summary is written.
+Each refused run must end with ``llava_redundancy: error: <message>`` (no traceback) and leave no results, token
+summary or token log. Four cases go through the real ``python -m lmms_eval`` (exit status 1), one for each
+moment a run can be refused: parsing model_args, an lmms-eval option, loading, answering; they run two
+processes at a time. The other cases go through lmms-eval's constructor ``create_from_arg_string`` in this
+process (the same code path, without a process start each). Also: ``faithful=no`` means false, and a disk
+that fills as the token summary is written.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import REPO, run_lmms_eval
+from conftest import REPO
 from safetensors.torch import save_file
 
 from lmms_eval_redundancy.codebook.store import (
@@ -36,35 +37,35 @@ from lmms_eval_redundancy.lmms.model import LlavaRedundancy
 TASK = "tiny_image"
 
 # case id -> (model_args with {llava}, {next} and {files} placeholders, lmms_eval options, message excerpt)
-COMMAND_CASES = {  # through `python -m lmms_eval`, two processes at a time
+COMMAND_CASES = {  # through `python -m lmms_eval`: refused while parsing, by an lmms-eval option, while loading,
+    # and while answering
     "faithful_maybe": ("pretrained={llava},faithful=maybe", [], "faithful='maybe' is not a boolean; use one of true/false"),
-    "batch_size_in_model_args": ("pretrained={llava},batch_size=4", [],
-                                 "drop batch_size= from --model_args and pass --batch_size N"),
-    "batch_size_0": ("pretrained={llava}", ["--batch_size", "0"], "batch_size='0' is not a whole number >= 1"),
-    "batch_size_negative": ("pretrained={llava}", ["--batch_size", "-1"], "batch_size='-1' is not a whole number >= 1"),
     "batch_size_auto": ("pretrained={llava}", ["--batch_size", "auto"], "`auto` is not supported"),
-    "max_frames_num_0": ("pretrained={llava},max_frames_num=0", [], "max_frames_num=0 is not a whole number >= 1"),
-    "missing_checkpoint_folder": ("pretrained={files}/missing/folder", [],
-                                  "missing/folder: no such folder; give a LLaVA-family checkpoint folder (with config.json)"),
     "truncated_weights": ("pretrained={files}/truncated", [], "truncated/model.safetensors cannot be read as safetensors"),
-    "broken_config": ("pretrained={files}/broken_config", [], "not a valid JSON file; check that it is a whole checkpoint"),
-    "tokens_0": ("pretrained={llava},method=random,tokens=0", [], "tokens=0 is out of range; use a whole number >= 1"),
-    "tokens_fraction": ("pretrained={llava},method=random,tokens=2.5", [], "tokens=2.5 is out of range"),
-    "retention_1.5": ("pretrained={llava},method=random,retention=1.5", [], "retention=1.5 is out of range"),
-    "threshold_nan": ("pretrained={llava},method=codebook,threshold=nan", [], "threshold=nan is not a finite number"),
-    "codebook_param_on_random": ("pretrained={llava},method=random,retention=0.5,codebook={files}/nan.safetensors", [],
-                                 "codebook= is a parameter of method codebook"),
-    "codebook_nan": ("pretrained={llava},method=codebook,threshold=0.4,codebook={files}/nan.safetensors", [],
-                     "nan.safetensors: 384 of its 384 prototype values are not finite (NaN or inf); rebuild it"),
-    "codebook_truncated": ("pretrained={llava},method=codebook,threshold=0.4,codebook={files}/truncated.safetensors", [],
-                           "truncated.safetensors is not a readable .safetensors file"),
-    "dtype_float13": ("pretrained={llava},dtype=float13", [], "dtype='float13' is not a floating-point torch dtype"),
-    "attn_bogus": ("pretrained={llava},attn_implementation=bogus", [], "attn_implementation='bogus' is not one of eager"),
-    "device_absent": ("pretrained={llava},device=cuda:99", [], "device=cuda:99 is not available"),
-    # refused while answering, after the model loaded
     "pooling_on_anyres_views": ("pretrained={next},method=pooling,retention=0.5", [], "pooling needs a token grid"),
 }
 IN_PROCESS_CASES = {  # through lmms-eval's constructor `create_from_arg_string`, in this process
+    "batch_size_in_model_args": ("pretrained={llava},batch_size=4", {},
+                                 "drop batch_size= from --model_args and pass --batch_size N"),
+    "batch_size_0": ("pretrained={llava}", {"batch_size": "0"}, "batch_size='0' is not a whole number >= 1"),
+    "batch_size_negative": ("pretrained={llava}", {"batch_size": "-1"}, "batch_size='-1' is not a whole number >= 1"),
+    "max_frames_num_0": ("pretrained={llava},max_frames_num=0", {}, "max_frames_num=0 is not a whole number >= 1"),
+    "missing_checkpoint_folder": ("pretrained={files}/missing/folder", {},
+                                  "missing/folder: no such folder; give a LLaVA-family checkpoint folder (with config.json)"),
+    "broken_config": ("pretrained={files}/broken_config", {}, "not a valid JSON file; check that it is a whole checkpoint"),
+    "tokens_0": ("pretrained={llava},method=random,tokens=0", {}, "tokens=0 is out of range; use a whole number >= 1"),
+    "tokens_fraction": ("pretrained={llava},method=random,tokens=2.5", {}, "tokens=2.5 is out of range"),
+    "retention_1.5": ("pretrained={llava},method=random,retention=1.5", {}, "retention=1.5 is out of range"),
+    "threshold_nan": ("pretrained={llava},method=codebook,threshold=nan", {}, "threshold=nan is not a finite number"),
+    "codebook_param_on_random": ("pretrained={llava},method=random,retention=0.5,codebook={files}/nan.safetensors", {},
+                                 "codebook= is a parameter of method codebook"),
+    "codebook_nan": ("pretrained={llava},method=codebook,threshold=0.4,codebook={files}/nan.safetensors", {},
+                     "nan.safetensors: 384 of its 384 prototype values are not finite (NaN or inf); rebuild it"),
+    "codebook_truncated": ("pretrained={llava},method=codebook,threshold=0.4,codebook={files}/truncated.safetensors", {},
+                           "truncated.safetensors is not a readable .safetensors file"),
+    "dtype_float13": ("pretrained={llava},dtype=float13", {}, "dtype='float13' is not a floating-point torch dtype"),
+    "attn_bogus": ("pretrained={llava},attn_implementation=bogus", {}, "attn_implementation='bogus' is not one of eager"),
+    "device_absent": ("pretrained={llava},device=cuda:99", {}, "device=cuda:99 is not available"),
     "log_keep_indices_2": ("pretrained={llava},log_keep_indices=2", {}, "log_keep_indices=2 is not a boolean"),
     "trust_remote_code_maybe": ("pretrained={llava},trust_remote_code=maybe", {}, "trust_remote_code='maybe' is not a boolean"),
     "folder_without_config": ("pretrained={files}/empty", {}, "empty has no config.json"),
@@ -154,13 +155,12 @@ def test_lmms_eval_constructor_ends_the_run_on_more_bad_model_args(bad_paths, tm
     assert not left_behind(tmp_path / "out")
 
 
-def test_faithful_no_and_log_keep_indices_no_mean_false(tiny_models, local_tasks, tmp_path):
+def test_faithful_no_and_log_keep_indices_no_mean_false(tiny_models, tmp_path):
     """Before: any non-empty text meant true, so `faithful=no` selected the official float16 distances."""
     args = f"pretrained={tiny_models['llava']},method=divprune,retention=0.5,faithful=no,log_keep_indices=No"
-    _, tokens, _ = run_lmms_eval(args, tmp_path / "out", local_tasks, tasks=TASK, limit=2)
-    assert tokens["settings"]["precision"] == "float32"  # faithful=true would select "model"
-    units = [unit for sample in tokens["per_sample"] for unit in sample["units"]]
-    assert units and not any("keep" in unit for unit in units)
+    model = LlavaRedundancy.create_from_arg_string(f"{args},output_dir={tmp_path}", {"batch_size": 1})
+    assert model.ledger.settings["precision"] == "float32"  # faithful=true would select "model"
+    assert model.engine.log_keep_indices is False
 
 
 def test_a_full_disk_while_writing_the_token_summary_leaves_no_file_and_exits_1(tiny_models, local_tasks, tmp_path):

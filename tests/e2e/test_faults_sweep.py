@@ -1,7 +1,9 @@
 """Bad sweep specs and sweep faults, through the real ``lmms-eval-redundancy sweep`` and ``demo`` commands.
 
 Each refused spec exits 2 with ``lmms-eval-redundancy sweep: error: <message>`` (no traceback) before any
-cell runs, and creates no output folder; the cases run two at a time. Then the faults of running sweeps:
+cell runs, and creates no output folder; the cases run through the command's ``main`` in this process (the
+running sweeps below are real processes and show the same message at the process boundary). Then the faults
+of running sweeps:
 a second sweep on a folder in use is refused, a SIGKILLed sweep's ``lmms_eval`` child dies with it, a
 stale lock is taken over (and the cell processes it recorded are ended), and a main job whose every cell
 would fail for an import error stops after the first with the error and the fix.
@@ -16,13 +18,12 @@ import socket
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from string import Template
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, cli_in_process
 
 from lmms_eval_redundancy.core.registry import available_methods, param_names
 
@@ -83,21 +84,18 @@ def sweep_cli(*args) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def refused(local_tasks, tmp_path_factory):
-    """Every case run once, two at a time: ``case -> (completed process, the case's folder)``."""
+    """Every case run once: ``case -> (completed command, the case's folder)``."""
     base = tmp_path_factory.mktemp("sweep_faults")
-
-    def run(case):
+    done = {}
+    for case, (text, arguments, _) in CASES.items():
         root = base / case
         root.mkdir()
         (root / "file").write_text("a file where a folder should be")
         places = {"out": root / "out", "root": root, "tasks": local_tasks}
-        text, arguments, _ = CASES[case]
         if text is not None:
             (root / "spec.yaml").write_text(Template(text).substitute(places))
-        return case, (sweep_cli(root / "spec.yaml", *(Template(a).substitute(places) for a in arguments)), root)
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(pool.map(run, CASES))
+        done[case] = cli_in_process("sweep", root / "spec.yaml", *(Template(a).substitute(places) for a in arguments)), root
+    return done
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -1,10 +1,11 @@
 """Bad inputs and faults of compare, build-codebook, import-codebook, show-kept, make-tiny and make-local-data.
 
-Through the real ``lmms-eval-redundancy`` command: each refused case exits 2 with
+Through the ``lmms-eval-redundancy`` command's ``main`` in this process (one case also as a real process, for
+the exit status and stderr at the process boundary): each refused case exits 2 with
 ``lmms-eval-redundancy <command>: error: <message>`` (no traceback) and leaves nothing it would have written
-(no table, plot, PNG, codebook or report, no temporary file). The refused cases fail before any model loads;
-they run two processes at a time. Then what compare warns about (a ``--limit 8`` rerun beside a ``--limit 4``
-reference, a speed-up whose spread overlaps 1.0) and a codebook build that probes a replaced image again.
+(no table, plot, PNG, codebook or report, no temporary file). Then what compare warns about (a ``--limit 8``
+rerun beside a ``--limit 4`` reference, a speed-up whose spread overlaps 1.0) and a codebook build that probes
+a replaced image again.
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ import json
 import statistics
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import REPO, TINY_BUILD_SETTINGS, image, record_run
+from conftest import REPO, TINY_BUILD_SETTINGS, cli_in_process, image, record_run
 
 NONE = {"method": "none", "budget": "all"}
 RANDOM = {"method": "random", "budget": "retention=0.5"}
@@ -64,6 +64,7 @@ CASES = {
 
 
 def cli(*args) -> subprocess.CompletedProcess:
+    """The real command in its own process."""
     return subprocess.run([sys.executable, "-m", "lmms_eval_redundancy.cli", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=600, check=False)
 
@@ -109,17 +110,15 @@ def bad_inputs(root: Path, case: str) -> None:
 
 @pytest.fixture(scope="module")
 def refused(tiny_models, tmp_path_factory):
-    """Every case run once, two at a time: ``case -> (completed process, the case's folder)``."""
+    """Every case run once: ``case -> (completed command, the case's folder)``."""
     base = tmp_path_factory.mktemp("tool_faults")
-
-    def run(case):
+    done = {}
+    for case, (arguments, _) in CASES.items():
         root = base / case
         bad_inputs(root, case)
-        args = [a.format(root=root, runs=root / "runs", llava=tiny_models["llava"]) for a in CASES[case][0]]
-        return case, (cli(*args), root)
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(pool.map(run, CASES))
+        args = [a.format(root=root, runs=root / "runs", llava=tiny_models["llava"]) for a in arguments]
+        done[case] = cli_in_process(*args), root
+    return done
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -135,6 +134,12 @@ def test_bad_inputs_are_refused_with_a_message_and_leave_nothing(refused, case):
     assert not left, left
 
 
+def test_the_command_process_exits_2_with_the_message_and_no_traceback(tmp_path):
+    done = cli("compare", tmp_path)
+    assert done.returncode == 2 and "lmms-eval-redundancy compare: error: " in done.stderr, done.stderr[-3000:]
+    assert "holds no llava_redundancy runs" in done.stderr and "Traceback" not in done.stderr
+
+
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
     """compare on an unpruned run of 4 documents and random runs of 4 and of 8 (its prefill times all over)."""
@@ -142,7 +147,7 @@ def compared(tmp_path_factory):
     record_timed_run(runs / "ref4", "20260101_000000", NONE, 1.0, [1.0, 1.1, 0.9, 1.0])
     record_timed_run(runs / "random4", "20260101_000001", RANDOM, 0.5, [0.5, 0.6, 0.55, 0.6])
     record_timed_run(runs / "random8", "20260101_000002", RANDOM, 0.75, [0.4, 2.0, 0.5, 1.8, 0.6, 1.5, 0.7, 2.1])
-    done = cli("compare", runs)
+    done = cli_in_process("compare", runs)
     assert done.returncode == 0, done.stderr[-3000:]
     return done, runs / "compare"
 
@@ -179,12 +184,12 @@ def test_a_rebuild_probes_an_image_that_was_unreadable_before_it_was_replaced(ti
     settings = tmp_path / "settings.yaml"
     settings.write_text(yaml.safe_dump({"preset": "llava15", **TINY_BUILD_SETTINGS, "min_images": 0, "prompt_text": None}))
     out = tmp_path / "out"
-    first = cli("build-codebook", tiny_models["llava"], images, out, "--settings", settings)
+    first = cli_in_process("build-codebook", tiny_models["llava"], images, out, "--settings", settings)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "1 unreadable image(s) left out:" in first.stderr and "img3.png: cannot identify image file" in first.stderr
     assert json.loads((out / "report.json").read_text())["unreadable_images"][0]["id"] == "img3"
     image(32, 32, seed=3).save(images / "img3.png")
-    second = cli("build-codebook", tiny_models["llava"], images, out, "--settings", settings)
+    second = cli_in_process("build-codebook", tiny_models["llava"], images, out, "--settings", settings)
     assert second.returncode == 0, second.stderr[-3000:]
     assert json.loads((out / "probe_stats_rank0.json").read_text())["probed"] == 1  # the replaced image, only it
     report = json.loads((out / "report.json").read_text())

@@ -16,10 +16,13 @@ from transformers import (
     LlavaOnevisionForConditionalGeneration,
 )
 
+from conftest import evaluate, method_cases
+
 from lmms_eval_redundancy.codebook.store import load_codebook
 from lmms_eval_redundancy.core.registry import UNPRUNED, available_methods
 from lmms_eval_redundancy.embedded import shapes
-from lmms_eval_redundancy.embedded.demo import sweep_spec
+from lmms_eval_redundancy.embedded.demo import TASKS as SHAPES_TASKS
+from lmms_eval_redundancy.embedded.demo import shapes_clip_text, sweep_spec
 from lmms_eval_redundancy.embedded.shapes_codebook import CODEBOOK
 from lmms_eval_redundancy.embedded.training import (
     TASKS,
@@ -29,6 +32,7 @@ from lmms_eval_redundancy.embedded.training import (
     encode,
     train,
 )
+from lmms_eval_redundancy.lmms.model import LlavaRedundancy
 from lmms_eval_redundancy.runtime.loading import (
     BUILTIN,
     builtin_names,
@@ -116,6 +120,17 @@ def test_main_job_sweeps_every_method_at_several_budgets(tmp_path):
     assert methods["codebook"]["codebook"] == str(CODEBOOK)
     assert methods["pooling"]["anyres"] == "base_only"  # pooling needs a token grid: the base view
     assert all(str(tmp_path) in spec[key] for key in ("output", "include_path"))
+
+
+@pytest.mark.parametrize("method", method_cases())
+def test_every_method_runs_on_the_builtin_model_as_the_main_job_runs_it(local_tasks, tmp_path, method):
+    files = {"<codebook>": str(CODEBOOK), "<clip_text>": str(shapes_clip_text(tmp_path / "clip_text"))}
+    args = {key: files.get(value, value) if isinstance(value, str) else value for key, value in method_cases()[method].items()}
+    args["retention" if "retention" in args else "tokens"] = 0.1 if "retention" in args else 6
+    wrapper = LlavaRedundancy(pretrained="builtin:shapes", batch_size=8, **args)
+    _, tokens = evaluate(wrapper, SHAPES_TASKS, local_tasks, limit=4)
+    assert tokens["images"] > 0 and tokens["frames"] > 0
+    assert tokens["visual_tokens_after"] < tokens["visual_tokens_before"] and tokens["visual_tokens_layer_mean"] > 0
 
 
 def test_a_few_training_steps_run_and_save_a_loadable_model(tmp_path):

@@ -8,7 +8,7 @@ from conftest import FAMILIES, image, method_cases, requests_for, supports, with
 
 from lmms_eval_redundancy.codebook.store import CodebookError
 from lmms_eval_redundancy.core.budget import BudgetError
-from lmms_eval_redundancy.core.registry import MethodError
+from lmms_eval_redundancy.core.registry import MethodError, Stage
 from lmms_eval_redundancy.lmms.model import LlavaRedundancy
 
 DOCS = [
@@ -185,9 +185,14 @@ def test_every_method_batch_of_two_equals_batch_of_one(tiny_models, tiny_codeboo
     one = wrapper(tiny_models[family], batch_size=1, **method)
     two = wrapper(tiny_models[family], batch_size=2, **method)
     assert two.generate_until(requests_for(two, DOCS)) == one.generate_until(requests_for(one, DOCS))
-    kept = lambda w: sorted((s["doc_id"], u["visual"], u["unit"], u["after"]) for s in w.ledger.samples for u in s["units"])  # noqa: E731
+    kept = lambda w: sorted((s["doc_id"], u["visual"], u["unit"], u["after"], u.get("layers"))  # noqa: E731
+                            for s in w.ledger.samples for u in s["units"])
     assert kept(one) == kept(two)
-    assert any(u["after"] < u["before"] for s in one.ledger.samples for u in s["units"])
+    units = [u for s in one.ledger.samples for u in s["units"]]
+    assert any(u["after"] < u["before"] for u in units)
+    if one.engine.method.stage is Stage.INSIDE_LLM:  # every decoder layer's visual tokens, from all to what is kept
+        layers = one.model.config.text_config.num_hidden_layers
+        assert all(len(u["layers"]) == layers and u["layers"][0] == u["before"] and u["layers"][-1] == u["after"] for u in units)
 
 
 @pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])

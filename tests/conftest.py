@@ -29,6 +29,11 @@ from PIL import Image
 
 from lmms_eval_redundancy.families import FAMILIES
 
+# The two test workers share two cores: one thread each, in their subprocesses too. The tiny models gain
+# nothing from more threads, and two workers' spinning thread pools on two cores slow each other many times over.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

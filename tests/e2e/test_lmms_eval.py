@@ -1,17 +1,16 @@
 """The real ``python -m lmms_eval`` and ``accelerate launch`` commands: one run per distinct path.
 
 Each family runs every task kind (images, image pairs, video, multiple choice) with a method of another
-kind (inside-LLM pruning, a vision-tower hook, seeded before-LLM selection); two processes against one;
-the built-in model on the shapes group. Every method on every family (both batch sizes) goes through
-lmms-eval's evaluator in-process in ``integration/test_local_tasks.py``.
+kind (inside-LLM pruning, a vision-tower hook, seeded before-LLM selection); two processes against one.
+Every method on every family goes through lmms-eval's evaluator in-process in
+``integration/test_local_tasks.py``; the built-in model's accuracy in ``integration/test_builtin_model.py``;
+the built-in model through the command from a wheel install in ``e2e/test_package.py``.
 """
 
 from __future__ import annotations
 
 import pytest
 from conftest import LOCAL_DOCS, LOCAL_REQUESTS, run_lmms_eval, sample_outputs
-
-from lmms_eval_redundancy.embedded.training import TASKS as SHAPES_TASKS
 
 PATHS = {  # family -> a method whose path differs from the others'
     "llava": "method=fastv,retention=0.5,fastv_k=2",
@@ -61,20 +60,3 @@ def test_two_cpu_processes_give_the_same_outputs_as_one(single_runs, tiny_models
             assert [float(s) for s, _ in two[key]] == pytest.approx([float(s) for s, _ in one[key]], abs=1e-4)
         else:
             assert two[key] == one[key]
-
-
-SUBSET = 24  # docs per shapes task: a fixed subset (the first ones) of the benchmark
-
-
-def test_builtin_model_is_accurate_unpruned_and_loses_accuracy_at_5_percent(local_tasks, tmp_path):
-    """The shapes group through lmms_eval with the shipped model: it reads the pictures, and pruning hurts."""
-    full, tokens, _ = run_lmms_eval("pretrained=builtin:shapes", tmp_path / "full", local_tasks, tasks="shapes",
-                                    batch_size=8, limit=SUBSET)
-    scores = {task: full["results"][task]["exact_match,none"] for task in SHAPES_TASKS}
-    assert all(score >= 0.85 for score in scores.values()), scores
-    assert tokens["settings"]["pretrained"] == "builtin:shapes"
-    assert tokens["images"] > 0 and tokens["frames"] > 0
-    pruned, _, _ = run_lmms_eval("pretrained=builtin:shapes,method=random,retention=0.05", tmp_path / "pruned",
-                                 local_tasks, tasks=",".join(SHAPES_TASKS), batch_size=8, limit=SUBSET)
-    dropped = {task: pruned["results"][task]["exact_match,none"] for task in SHAPES_TASKS}
-    assert sum(dropped.values()) / 3 < sum(scores.values()) / 3 - 0.2, (scores, dropped)

@@ -15,14 +15,15 @@ from conftest import REPO, readme_methods, run_lmms_eval, sample_outputs
 from lmms_eval_redundancy.families import FAMILIES
 
 
-README_RUNS = {"largest_norm": "retention=0.5,power=1", "merge_rest": "retention=0.5", "two_cuts": "retention=0.5"}
+README_RUNS = {"merge_rest": "retention=0.5", "two_cuts": "retention=0.5"}  # the merging and the multi-stage base
 BATCH_SIZES = (1, 2)
 
 
 def test_the_readme_methods_pasted_into_methods_run_through_lmms_eval(tiny_models, local_tasks, tmp_path):
     """Exactly what a reader does: the package (a copy here) plus each README example in ``methods/``, no other
-    edit. Every example runs on every family at batch 1 and 2 with the same outputs and token counts (per decoder
-    layer too); the 18 runs go through one ``python -m lmms_eval --config`` process (a list of runs)."""
+    edit. The merging and the multi-stage examples run on every family at batch 1 and 2 with the same outputs
+    and token counts (per decoder layer too), the selecting one once; the 13 runs go through one
+    ``python -m lmms_eval --config`` process (a list of runs)."""
     copy = tmp_path / "site"
     shutil.copytree(REPO / "lmms_eval_redundancy", copy / "lmms_eval_redundancy",
                     ignore=shutil.ignore_patterns("__pycache__", "builtin"))
@@ -30,29 +31,31 @@ def test_the_readme_methods_pasted_into_methods_run_through_lmms_eval(tiny_model
     assert [name for name, _ in examples] == ["largest_norm.py", "merge_rest.py", "two_cuts.py"]
     for file_name, code in examples:
         (copy / "lmms_eval_redundancy" / "methods" / file_name).write_text(code)
-    runs = {(method, family, size): tmp_path / "out" / f"{method}-{family}-{size}"
+    runs = {(method, family, size): (README_RUNS[method], tmp_path / "out" / f"{method}-{family}-{size}")
             for method in README_RUNS for family in FAMILIES for size in BATCH_SIZES}
-    config = [{"model": "llava_redundancy", "tasks": "tiny_image,tiny_multi_image", "include_path": str(local_tasks),
+    runs["largest_norm", "llava", 2] = "retention=0.5,power=1", tmp_path / "out" / "largest_norm"
+    config = [{"model": "llava_redundancy", "tasks": "tiny_multi_image", "include_path": str(local_tasks),
                "batch_size": size, "limit": 2, "log_samples": True, "output_path": str(out),
-               "model_args": f"pretrained={tiny_models[family]},method={method},{README_RUNS[method]},output_dir={out}"}
-              for (method, family, size), out in runs.items()]
+               "model_args": f"pretrained={tiny_models[family]},method={method},{args},output_dir={out}"}
+              for (method, family, size), (args, out) in runs.items()]
     (tmp_path / "runs.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(copy), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-m", "lmms_eval", "--config", str(tmp_path / "runs.yaml")], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    summaries = {run: tokens_of(out) for run, (_, out) in runs.items()}
     for method in README_RUNS:
         for family in FAMILIES:
-            (one, one_folder), (two, two_folder) = (tokens_of(runs[method, family, size]) for size in BATCH_SIZES)
+            (one, one_folder), (two, two_folder) = (summaries[method, family, size] for size in BATCH_SIZES)
             assert one["settings"]["method"] == method and sample_outputs(one_folder) == sample_outputs(two_folder)
             assert token_counts(one) == token_counts(two), (method, family)
             assert 0 < one["visual_tokens_after"] < one["visual_tokens_before"]
-    largest_norm, _ = tokens_of(runs["largest_norm", "llava", 1])
+    largest_norm, _ = summaries["largest_norm", "llava", 2]
     assert largest_norm["settings"]["power"] == 1.0 and 0.45 < largest_norm["achieved_retention"] < 0.55
-    merged, _ = tokens_of(runs["merge_rest", "llava_next", 2])
+    merged, _ = summaries["merge_rest", "llava_next", 2]
     units = [u for sample in merged["per_sample"] for u in sample["units"]]
     assert units and all(u["merged"] == 1 for u in units)  # one merged token per image, recorded as merged
-    two_cuts, _ = tokens_of(runs["two_cuts", "llava_onevision", 2])  # all, then half, then a quarter of the tokens
+    two_cuts, _ = summaries["two_cuts", "llava_onevision", 2]  # all, then half, then a quarter of the tokens
     assert two_cuts["visual_tokens_after"] < two_cuts["visual_tokens_layer_mean"] < two_cuts["visual_tokens_before"]
 
 

@@ -133,6 +133,21 @@ def test_every_method_runs_on_the_builtin_model_as_the_main_job_runs_it(local_ta
     assert tokens["visual_tokens_after"] < tokens["visual_tokens_before"] and tokens["visual_tokens_layer_mean"] > 0
 
 
+SUBSET = 24  # docs per shapes task: a fixed subset (the first ones) of the benchmark
+
+
+def test_builtin_model_is_accurate_unpruned_and_loses_accuracy_at_5_percent(local_tasks):
+    """The shapes group through lmms-eval's evaluator with the shipped model: it reads the pictures, and pruning hurts."""
+    full, tokens = evaluate(LlavaRedundancy(pretrained="builtin:shapes", batch_size=8), "shapes", local_tasks, limit=SUBSET)
+    scores = {task: full["results"][task]["exact_match,none"] for task in TASKS}
+    assert all(score >= 0.85 for score in scores.values()), scores
+    assert tokens["images"] > 0 and tokens["frames"] > 0
+    pruned, _ = evaluate(LlavaRedundancy(pretrained="builtin:shapes", batch_size=8, method="random", retention=0.05),
+                         ",".join(TASKS), local_tasks, limit=SUBSET)
+    dropped = {task: pruned["results"][task]["exact_match,none"] for task in TASKS}
+    assert sum(dropped.values()) / 3 < sum(scores.values()) / 3 - 0.2, (scores, dropped)
+
+
 def test_a_few_training_steps_run_and_save_a_loadable_model(tmp_path):
     settings = TrainSettings(docs=16, steps=3, batch_size=4, eval_docs=8, eval_every=3, dropout_steps=1.0)
     record = train(tmp_path, settings, progress=False)

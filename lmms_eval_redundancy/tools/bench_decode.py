@@ -4,7 +4,8 @@ before the LLM (and with the decoding step compiled), on the random LLaVA-1.5-7B
 Every variant decodes the same pruned batch through ``generate`` with the keyword arguments the wrapper passes
 (``runtime.decoding.Decoding``); a logits processor marks the end of every step, so prefill is left out. The
 figures are the median and interquartile range over every decoding step of the timed runs, after one warm-up
-run per variant (its wall time, compilation included, is printed too).
+run per variant (its wall time, compilation included, is printed too); the timed runs take turns, one of each
+variant at a time, so that a drifting load on the machine touches every variant alike.
 """
 
 from __future__ import annotations
@@ -97,21 +98,18 @@ def decode_speed(batch_sizes: tuple[int, ...] = (1, 8), new_tokens: int = 16, ru
         for size in batch_sizes:
             inputs = engine.processor_inputs([prompt] * size, [[image] for image in random_images(size)], [])
             batch, _ = engine.prune(inputs, [1] * size, [0] * size, [f"bench{i}" for i in range(size)])
-            reference = None
-            for name, decoding in variants.items():
-                warm_up = decode_run(engine, batch, decoding, new_tokens)[2]
-                steps, sequences = [], None
-                for _ in range(runs):
-                    seconds, sequences, _ = decode_run(engine, batch, decoding, new_tokens)
-                    steps += seconds
-                reference = reference or sequences
-                first, median, third = quartiles(steps)
+            warm_up = {name: decode_run(engine, batch, decoding, new_tokens)[2] for name, decoding in variants.items()}
+            steps, sequences = {name: [] for name in variants}, {}
+            for _ in range(runs):
+                for name, decoding in variants.items():
+                    seconds, sequences[name], _ = decode_run(engine, batch, decoding, new_tokens)
+                    steps[name] += seconds
+            spread = {name: quartiles(seconds) for name, seconds in steps.items()}
+            for name, (first, median, third) in spread.items():
                 rows.append({"batch": size, "decoding": name, "ms/token": 1000 * median,
-                             "IQR ms": f"{1000 * first:.1f}-{1000 * third:.1f}", "warm-up run s": warm_up,
-                             "same tokens": sequences == reference})
-            dynamic = next(row for row in rows if row["batch"] == size and row["decoding"] == "dynamic cache")
-            for row in rows[-len(variants):]:
-                row["speed-up"] = dynamic["ms/token"] / row["ms/token"]
+                             "IQR ms": f"{1000 * first:.1f}-{1000 * third:.1f}",
+                             "speed-up": spread["dynamic cache"][1] / median, "warm-up run s": warm_up[name],
+                             "same tokens": sequences[name] == sequences["dynamic cache"]})
         engine.close()
     device = "GPU " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     print(f"LLaVA-1.5-7B widths, {vision_layers} vision layers, {text_layers} LLM layers, {device}, {dtype}, "

@@ -161,6 +161,13 @@ def _bench_overhead(args) -> None:
              vision_layers=args.vision_layers)
 
 
+def _bench_decode(args) -> None:
+    from lmms_eval_redundancy.tools.bench_decode import decode_speed
+
+    decode_speed(tuple(args.batch or (1, 8)), new_tokens=args.new_tokens, runs=args.runs, tokens=args.tokens,
+                 compiled=args.compile, text_layers=args.text_layers, vision_layers=args.vision_layers)
+
+
 def _build_codebook(args) -> None:
     import json
     from pathlib import Path
@@ -351,6 +358,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=64, help="visual tokens kept of 576")
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(func=_bench_overhead)
+
+    p = sub.add_parser("bench-decode", help="decode time per token: dynamic vs static KV cache (and compiled), LLaVA-1.5-7B widths")
+    p.add_argument("--batch", type=_at_least(1), action="append", help="batch size; repeat (default: 1 and 8)")
+    p.add_argument("--new-tokens", type=_at_least(2), default=16, help="tokens generated per run")
+    p.add_argument("--runs", type=_at_least(1), default=3, help="timed runs per variant, after a warm-up run")
+    p.add_argument("--tokens", type=_at_least(1), default=64, help="visual tokens kept of 576 (the prompt's length)")
+    p.add_argument("--compile", action="store_true", help="also time the compiled decoding step (compiles on a CPU too; slow)")
+    p.add_argument("--text-layers", type=_at_least(1), help="LLM layers (default: 32 on GPU, 4 on CPU)")
+    p.add_argument("--vision-layers", type=_at_least(1), help="vision layers (default: 24 on GPU, 3 on CPU)")
+    p.set_defaults(func=_bench_decode)
 
     p = sub.add_parser("train-shapes", help="train the built-in shapes model (builtin:shapes) from scratch, seeded")
     p.add_argument("--out", default="shapes-model", help="output folder (default: ./shapes-model; the shipped builtin:shapes "

@@ -21,6 +21,8 @@ from lmms_eval_redundancy.core.visuals import (
     VisionNeed,
 )
 
+LAYER_OUTPUT_NEEDS = ("hidden", "cls_hidden")  # served by a hook on the encoder layer; the others inside its attention
+
 
 def patch_grid(vision_config) -> int:
     """Patches per side of one vision tile."""
@@ -149,22 +151,17 @@ class Family:
         ``{need: [one tensor per tower forward, [tiles, tokens, ...]]}``."""
         captured = {need: [] for need in needs}
         handles = []
-        by_layer: dict[int, list[VisionNeed]] = {}
-        for need in needs:
-            if need.kind not in VISION_NEED_KINDS:
-                raise FamilyError(f"unknown vision need {need.kind!r}; one of {', '.join(VISION_NEED_KINDS)}")
-            by_layer.setdefault(self.vision_feature_layer_index if need.layer is None else need.layer, []).append(need)
         timing = (lambda device: stopwatch.timing(device)) if stopwatch else (lambda device: contextlib.nullcontext())
-        for index, layer_needs in by_layer.items():
+        for index, layer_needs in self.needs_by_layer(needs).items():
             layer = self.vision_encoder_layers[index]
-            attention_needs = [n for n in layer_needs if n.kind not in ("hidden", "cls_hidden")]
+            attention_needs = [n for n in layer_needs if n.kind not in LAYER_OUTPUT_NEEDS]
             if attention_needs:
                 handles.append(layer.self_attn.register_forward_pre_hook(
                     self._attention_hook(attention_needs, captured, timing), with_kwargs=True))
             for need in layer_needs:
                 if need.kind == "cls_hidden" and not self.vision_has_cls:
                     raise FamilyError(f"{type(self.model.model.vision_tower).__name__} has no [CLS] token")
-                if need.kind in ("hidden", "cls_hidden"):
+                if need.kind in LAYER_OUTPUT_NEEDS:
                     handles.append(layer.register_forward_hook(
                         lambda module, args, output, need=need: captured[need].append(
                             output[0] if isinstance(output, tuple) else output)))
@@ -173,6 +170,20 @@ class Family:
         finally:
             for handle in handles:
                 handle.remove()
+
+    def needs_by_layer(self, needs) -> dict[int, list[VisionNeed]]:
+        """``needs`` grouped by the index of the vision encoder layer that serves them."""
+        by_layer: dict[int, list[VisionNeed]] = {}
+        for need in needs:
+            if need.kind not in VISION_NEED_KINDS:
+                raise FamilyError(f"unknown vision need {need.kind!r}; one of {', '.join(VISION_NEED_KINDS)}")
+            by_layer.setdefault(self.vision_feature_layer_index if need.layer is None else need.layer, []).append(need)
+        return by_layer
+
+    def attention_hooked_layers(self, needs) -> set[int]:
+        """Indices of the vision encoder layers whose attention module ``serving`` hooks to serve ``needs``."""
+        return {index for index, layer_needs in self.needs_by_layer(needs).items()
+                if any(n.kind not in LAYER_OUTPUT_NEEDS for n in layer_needs)}
 
     def _attention_hook(self, needs: list[VisionNeed], captured: dict, timing):
         """A pre-hook on a vision attention module computing the rows ``needs`` ask for from its q/k projections."""
@@ -242,8 +253,13 @@ class Family:
     # ---- LLM internals -----------------------------------------------------------------------------
 
     @property
+    def language_model(self) -> torch.nn.Module:
+        """The decoder stack (embeddings aside, no LM head)."""
+        return self.model.model.language_model
+
+    @property
     def decoder_layers(self) -> torch.nn.ModuleList:
-        return self.model.model.language_model.layers
+        return self.language_model.layers
 
     @property
     def text_attention_implementation(self) -> str:
@@ -280,7 +296,7 @@ class Family:
 
     def rotary_embeddings(self, hidden_states: torch.Tensor, position_ids: torch.Tensor):
         """The LLM's rotary ``(cos, sin)`` at ``position_ids [B, T]``."""
-        return self.model.model.language_model.rotary_emb(hidden_states, position_ids=position_ids)
+        return self.language_model.rotary_emb(hidden_states, position_ids=position_ids)
 
     @staticmethod
     def gather_positions(layer_kwargs: dict, index: torch.Tensor) -> None:

@@ -33,6 +33,8 @@ from lmms_eval_redundancy.lmms.ledger import (
     output_path_from_argv,
     results_dir_for,
 )
+from lmms_eval_redundancy.runtime.compiling import check_compilable, compile_model
+from lmms_eval_redundancy.runtime.decoding import Decoding
 from lmms_eval_redundancy.runtime.efficiency import (
     BatchMeter,
     cache_bytes,
@@ -120,6 +122,13 @@ class LlavaRedundancy(lmms):
     ``max_frames_num``, ``chat_template``, ``revision``, ``trust_remote_code``, ``output_dir`` (where the token
     summary goes; default: lmms-eval's ``--output_path``).
 
+    Decoding: methods before the LLM and ``none`` decode with transformers' static KV cache (compiled decoding
+    step on a GPU), methods inside the LLM with the dynamic one (``runtime.decoding``); greedy outputs are the
+    same. ``compile=true`` (default false) runs the vision tower and the LLM (prefill and decoding) under
+    ``torch.compile``, the prompt left-padded to a multiple of 64 positions so that graphs are reused: each new
+    shape compiles on first use (tens of seconds to minutes), greedy outputs stay the same
+    (``runtime.compiling``). Methods inside the LLM refuse it.
+
     Booleans take ``true/false``, ``yes/no`` or ``1/0`` (any case); anything else is refused. The batch size is
     lmms-eval's ``--batch_size N`` (a whole number >= 1; ``auto`` is refused: batches here have a fixed size).
     lmms-eval always passes its own, so ``batch_size=`` in ``--model_args`` is refused; so is any key given both
@@ -141,6 +150,7 @@ class LlavaRedundancy(lmms):
         anyres: str = "full",
         faithful: bool = False,
         log_keep_indices: bool = False,
+        compile: bool = False,
         device: str | None = None,
         dtype: str | None = "auto",
         attn_implementation: str | None = None,
@@ -159,6 +169,9 @@ class LlavaRedundancy(lmms):
         budget = parse_budget(retention, tokens, threshold) or KEEP_ALL
         pruning = build_method(str(method), budget, faithful=strict_bool("faithful", faithful), **method_params)
         log_keep_indices = strict_bool("log_keep_indices", log_keep_indices)
+        compiled = strict_bool("compile", compile)
+        if compiled:
+            check_compilable(pruning)
         trust_remote_code = strict_bool("trust_remote_code", trust_remote_code)
         self.batch_size_per_gpu = positive_int("batch_size", batch_size, BATCH_SIZE_USAGE)
         self.max_frames_num = positive_int("max_frames_num", max_frames_num, " (frames sampled per video)")
@@ -178,6 +191,9 @@ class LlavaRedundancy(lmms):
         self.processor.tokenizer.padding_side = "left"
         self.chat_template = chat_template_of(self.processor, chat_template)
         self.engine = PruningEngine(self._model, self.processor, loaded.family, pruning, anyres, log_keep_indices)
+        if compiled:
+            compile_model(self._model, loaded.family, pruning)
+        self.decoding = Decoding.default(pruning.stage, compiled_llm=compiled)
         self.ledger = TokenLedger(self._rank, self._world_size, results_dir_for(pretrained, output_dir),
                                   {**self.engine.settings(), "pretrained": pretrained})
         atexit.register(self.ledger.finish_at_exit)
@@ -296,17 +312,18 @@ class LlavaRedundancy(lmms):
             until = gen_kwargs.pop("until", None) or [self.tokenizer.eos_token]
             until = [until] if isinstance(until, str) else list(until)
             temperature = float(gen_kwargs.get("temperature", 0) or 0)
+            max_new_tokens, num_beams = int(gen_kwargs.get("max_new_tokens", 1024)), int(gen_kwargs.get("num_beams", 1))
             with BatchMeter(self._device) as meter:
                 _, batch, records = self._build(chunk)
                 with torch.no_grad(), self.engine.around_llm(batch, records):
                     output = self._model.generate(
-                        inputs_embeds=batch.inputs_embeds,
-                        attention_mask=batch.attention_mask,
-                        max_new_tokens=int(gen_kwargs.get("max_new_tokens", 1024)),
+                        **self.decoding.generate_inputs(self._model, batch.inputs_embeds, batch.attention_mask,
+                                                        max_new_tokens, num_beams),
+                        max_new_tokens=max_new_tokens,
                         do_sample=temperature > 0,
                         temperature=temperature if temperature > 0 else None,
                         top_p=gen_kwargs.get("top_p") if temperature > 0 else None,
-                        num_beams=int(gen_kwargs.get("num_beams", 1)),
+                        num_beams=num_beams,
                         pad_token_id=self.tokenizer.pad_token_id,
                         eos_token_id=self.tokenizer.eos_token_id,
                         suppress_tokens=self.engine.family.placeholder_ids,
@@ -338,7 +355,7 @@ class LlavaRedundancy(lmms):
             with BatchMeter(self._device) as meter:
                 prompts, batch, records = self._build(chunk, continuations=continuations)
                 with torch.no_grad(), self.engine.around_llm(batch, records):
-                    logits = self._model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).logits
+                    logits = self._model(**self.decoding.forward_inputs(batch.inputs_embeds, batch.attention_mask)).logits
             self._log_records("loglikelihood", chunk, batch, records, meter)
             for row, (prompt, cont) in enumerate(zip(prompts, continuations)):
                 n = len(self.tokenizer(prompt).input_ids) - len(self.tokenizer(prompt[: len(prompt) - len(cont)]).input_ids)

@@ -57,9 +57,15 @@ class BatchMeter:
 
 
 def cache_bytes(cache) -> int:
-    """Bytes held by the keys and values of a transformers cache."""
-    return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-               for layer in cache.layers if getattr(layer, "keys", None) is not None)
+    """Bytes of the keys and values a transformers cache holds for the positions it has filled: a static cache,
+    allocated for every new token up front, counts as the dynamic cache of the same generation."""
+    total = 0
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is None or layer.keys.shape[-2] == 0:
+            continue
+        allocated = layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        total += allocated * min(int(layer.get_seq_length()), layer.keys.shape[-2]) // layer.keys.shape[-2]
+    return total
 
 
 def tokens_per_layer(valid_tokens: int, records: list, layers: int) -> list[int]:

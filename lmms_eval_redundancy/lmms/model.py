@@ -195,7 +195,7 @@ class LlavaRedundancy(lmms):
             compile_model(self._model, loaded.family, pruning)
         self.decoding = Decoding.default(pruning.stage, compiled_llm=compiled)
         self.ledger = TokenLedger(self._rank, self._world_size, results_dir_for(pretrained, output_dir),
-                                  {**self.engine.settings(), "pretrained": pretrained})
+                                  {**self.engine.settings(), "compile": compiled, "pretrained": pretrained})
         atexit.register(self.ledger.finish_at_exit)
 
     @classmethod

@@ -20,7 +20,10 @@ CPU = torch.device("cpu")
 def clock(monkeypatch):
     """A fake clock: each stamp reads the next of the times the test sets in ``clock.times``."""
     fake = SimpleNamespace(times=[])
-    read = lambda device: fake.times.pop(0)  # noqa: E731
+
+    def read(device: torch.device) -> float:
+        return fake.times.pop(0)
+
     monkeypatch.setattr(timing, "stamp", read)
     monkeypatch.setattr(efficiency, "stamp", read)
     return fake
@@ -36,9 +39,8 @@ def test_phases_split_the_time_to_first_token_without_counting_anything_twice(cl
     clock.times = [0.0, 1.0, 1.5, 2.0, 3.0, 3.5, 4.0, 6.0, 10.0]
     parts = engine()
     with BatchMeter(CPU, parts) as meter:
-        with parts.vision.timing(CPU):
-            with parts.method.selection.timing(CPU):
-                pass
+        with parts.vision.timing(CPU), parts.method.selection.timing(CPU):
+            pass
         parts.selection_in_vision = parts.method.selection.mark()
         with parts.method.selection.timing(CPU):
             pass

@@ -10,7 +10,7 @@ import torch
 from transformers import LogitsProcessor
 
 from lmms_eval_redundancy.core.timing import elapsed, stamp, sync
-from lmms_eval_redundancy.runtime.flops import llm_prefill_flops, vision_flops
+from lmms_eval_redundancy.runtime.flops import llm_prefill_flops, projector_flops, vision_flops
 
 # per-sample phase keys of the efficiency records, in the order a batch goes through them
 PHASES = ("host_seconds", "vision_seconds", "selection_seconds", "llm_prefill_seconds", "device_prefill_seconds",
@@ -129,7 +129,9 @@ def unpruned_tokens(valid_tokens: int, records: list) -> int:
 
 
 def sample_flops(config, llm_tokens: list[int], tiles: int) -> dict:
-    """Analytic prefill FLOPs of one sample: the LLM with ``llm_tokens[i]`` tokens at layer ``i`` and the
-    vision tower over its ``tiles`` views."""
+    """Analytic prefill FLOPs of one sample: the LLM with ``llm_tokens[i]`` tokens at layer ``i``, and the vision
+    tower with the projector over its ``tiles`` views; with those counts (LLM tokens as their mean over layers)."""
+    tower = vision_flops(config.vision_config, tiles, config.vision_config.num_hidden_layers)
     return {"llm_prefill_flops": llm_prefill_flops(config.text_config, llm_tokens),
-            "vision_flops": vision_flops(config.vision_config, tiles, config.vision_config.num_hidden_layers)}
+            "vision_flops": tower + projector_flops(config, tiles),
+            "llm_tokens_layer_mean": sum(llm_tokens) / len(llm_tokens), "vision_tiles": tiles}

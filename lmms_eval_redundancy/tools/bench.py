@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 from PIL import Image
 from tabulate import tabulate
 
@@ -29,11 +30,13 @@ from lmms_eval_redundancy.core.registry import (
     available_methods,
     build_method,
     file_params,
+    param_names,
 )
 from lmms_eval_redundancy.core.timing import elapsed, stamp
 from lmms_eval_redundancy.families.base import patch_grid
 from lmms_eval_redundancy.families.tiny import (
     CHAT_TEMPLATE,
+    build_tiny_clip,
     build_tokenizer,
     real_geometry_config,
 )
@@ -65,12 +68,16 @@ def save_geometry_checkpoint(folder: Path, text_layers: int, vision_layers: int,
 
 
 def example_params(method: str, scratch: Path, hidden_size: int) -> dict:
-    """Values for a method's file parameters: a random codebook of the model's width for each."""
+    """Values for a method's file parameters (a random codebook of the model's width for each) and its CLIP text
+    tower (a random tiny one reading CLIP-L/336's 1024-wide vision states)."""
+    params = {}
+    if "clip_text" in param_names(method):
+        params["clip_text"] = str(build_tiny_clip(scratch / "clip", vision_width=1024))
     files = file_params(method)
-    if not files:
-        return {}
-    path = save_codebook(Codebook(torch.randn(454, hidden_size), {"model": "random"}), scratch / "random.safetensors")
-    return {name: str(path) for name in files}
+    if files:
+        path = save_codebook(Codebook(torch.randn(454, hidden_size), {"model": "random"}), scratch / "random.safetensors")
+        params.update({name: str(path) for name in files})
+    return params
 
 
 def pruned_methods(methods: list[str] | None) -> list[str]:
@@ -276,6 +283,7 @@ def speed(methods: list[str] | None = None, tokens: int = 64, samples: int = 5, 
     """
     from lmms_eval_redundancy.lmms.model import LlavaRedundancy
 
+    transformers.logging.set_verbosity_error()  # random checkpoints: their loading reports are expected, not news
     gpu = torch.cuda.is_available()
     if threads or not gpu:
         torch.set_num_threads(threads or 1)

@@ -10,7 +10,11 @@ import torch
 from transformers import LogitsProcessor
 
 from lmms_eval_redundancy.core.timing import elapsed, stamp, sync
-from lmms_eval_redundancy.runtime.flops import llm_prefill_flops, projector_flops, vision_flops
+from lmms_eval_redundancy.runtime.flops import (
+    llm_prefill_flops,
+    projector_flops,
+    vision_flops,
+)
 
 # per-sample phase keys of the efficiency records, in the order a batch goes through them
 PHASES = ("host_seconds", "vision_seconds", "selection_seconds", "llm_prefill_seconds", "device_prefill_seconds",

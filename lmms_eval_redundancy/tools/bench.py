@@ -2,8 +2,9 @@
 
 The checkpoint has LLaVA-1.5-7B's widths (CLIP-L/336 tower, 4096-wide Llama with 11008 MLP) and the given
 depths, so that it also runs on a CPU. Every figure is measured in the same run, so ratios are what to read.
-``speed`` times prefill through the real ``llava_redundancy`` path; ``overhead`` times each method's own
-selection work (``method.selection``) against unpruned prefill.
+``speed`` times device prefill (vision tower, selection, LLM prefill) and end-to-end samples/s through the real
+``llava_redundancy`` path, against FLOPs- and (on a GPU) roofline-predicted speed-ups; ``overhead`` times each
+method's own selection work (``method.selection``) against unpruned prefill.
 """
 
 from __future__ import annotations

@@ -9,7 +9,11 @@ from conftest import image
 from lmms_eval_redundancy.core.budget import KEEP_ALL, Budget
 from lmms_eval_redundancy.core.registry import build_method
 from lmms_eval_redundancy.lmms.model import LlavaRedundancy
-from lmms_eval_redundancy.tools.bench import interleaved_runs, llava_hf_samples_per_second, never_ending
+from lmms_eval_redundancy.tools.bench import (
+    interleaved_runs,
+    llava_hf_samples_per_second,
+    never_ending,
+)
 
 DOCS = [{"question": "what is it ?", "visuals": [image(32, 32, seed)]} for seed in range(6)]
 

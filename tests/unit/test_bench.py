@@ -9,7 +9,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lmms_eval_redundancy.tools.bench import DeviceRates, TimedRun, measure_rates, sample_bytes, speed_rows
+from lmms_eval_redundancy.tools.bench import (
+    DeviceRates,
+    TimedRun,
+    measure_rates,
+    sample_bytes,
+    speed_rows,
+)
 
 TEXT = SimpleNamespace(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2)
 VISION = SimpleNamespace(hidden_size=4, intermediate_size=8, image_size=28, patch_size=14, model_type="clip_vision_model",

@@ -48,6 +48,10 @@ from lmms_eval_redundancy.runtime.loading import load
 from lmms_eval_redundancy.runtime.prompts import chat_prompt, chat_template_of
 
 VISUAL_TOKENS = 576
+# ``speed``'s question: LLaVA-1.5's system prompt and a short question, so that a request has a real one's text
+# length (616 LLM tokens unpruned, 104 with 64 visual tokens kept), on which the LLM's matrix sizes depend
+QUESTION = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+            "detailed, and polite answers to the human's questions. Describe the image in detail.")
 
 
 def save_geometry_checkpoint(folder: Path, text_layers: int, vision_layers: int, dtype: torch.dtype) -> Path:
@@ -203,6 +207,7 @@ def speed_rows(runs: list[TimedRun], config, weights: int, dtype_bytes: int, rat
         predicted = reference.flops / run.flops
         row = {"method": run.method, "batch": run.batch_size,
                "visual tokens": statistics.fmean(sum(u["after"] for u in s["units"]) for s in run.samples),
+               "LLM tokens": run.mean("llm_tokens_layer_mean"),
                "device prefill ms": 1000 * statistics.median(ours.values()),
                "speed-up (IQR)": "1 (reference)" if run is reference else str(speed_up), "FLOPs-predicted": predicted, "measured / FLOPs": speed_up.median / predicted}
         if rates is not None:
@@ -291,7 +296,7 @@ def speed(methods: list[str] | None = None, tokens: int = 64, samples: int = 5, 
     text_layers, vision_layers, dtype = default_depths(text_layers, vision_layers)
     batch_sizes = batch_sizes or default_batch_sizes()
     new_tokens = new_tokens or (16 if gpu else 4)
-    docs = [{"question": "Describe the image.", "visuals": [image]} for image in random_images((samples + 1) * max(batch_sizes))]
+    docs = [{"question": QUESTION, "visuals": [image]} for image in random_images((samples + 1) * max(batch_sizes))]
     hf_rate = None
     with tempfile.TemporaryDirectory() as folder:
         scratch = Path(folder)

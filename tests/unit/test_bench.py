@@ -56,7 +56,7 @@ def test_rows_hold_the_median_speed_up_its_predictions_and_samples_per_second():
     assert moved[0] / 4e4 > 1000 / 1e3 and row["roofline-predicted"] == pytest.approx(moved[0] / moved[1])
     assert row["measured / roofline"] == pytest.approx(4 / row["roofline-predicted"])
     assert (row["samples/s"], row["vs unpruned"], row["vs llava_hf"]) == (1.0, 2.0, 4.0)
-    assert (row["visual tokens"], row["device prefill ms"]) == (10, 275)
+    assert (row["visual tokens"], row["LLM tokens"], row["device prefill ms"]) == (10, 20, 275)
     assert rows[0]["speed-up (IQR)"] == "1 (reference)" and rows[0]["vs unpruned"] == 1
     assert "roofline-predicted" not in speed_rows([unpruned, pruned], CONFIG, 10_000, 2)[1]  # a CPU: no rates
 

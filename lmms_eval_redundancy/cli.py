@@ -265,8 +265,8 @@ def _compare(args) -> None:
 def _bench(args) -> None:
     from lmms_eval_redundancy.tools.bench import speed
 
-    speed(args.method, tokens=args.tokens, samples=args.samples, text_layers=args.text_layers,
-          vision_layers=args.vision_layers)
+    speed(args.method, tokens=args.tokens, samples=args.samples, batch_sizes=args.batch_sizes, text_layers=args.text_layers,
+          vision_layers=args.vision_layers, new_tokens=args.new_tokens, threads=args.threads)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -343,10 +343,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="kept.png")
     p.set_defaults(func=_show_kept)
 
-    p = sub.add_parser("bench", help="prefill latency per method vs unpruned, measured and FLOPs-predicted, on LLaVA-1.5-7B widths")
+    p = sub.add_parser("bench", help="device prefill speed-up per method vs unpruned (measured, FLOPs- and roofline-predicted) "
+                                     "and samples/s, on LLaVA-1.5-7B widths")
     p.add_argument("--method", action="append", help="methods to time (default: every registered one); the unpruned reference always runs")
     p.add_argument("--tokens", type=int, default=64, help="visual tokens kept of 576")
-    p.add_argument("--samples", type=int, default=3)
+    p.add_argument("--samples", type=_at_least(1), default=5, help="timed batches per method and batch size, after a warm-up batch")
+    p.add_argument("--batch-sizes", type=_at_least(1), nargs="+", help="batch sizes to time (default: 1 8 on GPU, 1 on CPU)")
+    p.add_argument("--new-tokens", type=_at_least(1), help="tokens generated per request (default: 16 on GPU, 4 on CPU)")
+    p.add_argument("--threads", type=_at_least(1), help="torch CPU threads (default on CPU: 1, stable on a shared machine)")
     p.add_argument("--text-layers", type=int, help="LLM layers (default: 32 on GPU, 4 on CPU)")
     p.add_argument("--vision-layers", type=int, help="vision layers (default: 24 on GPU, 3 on CPU)")
     p.set_defaults(func=_bench)

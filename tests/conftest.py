@@ -304,17 +304,24 @@ def build_settings(**changes):
     return dataclasses.replace(load_settings("llava15", **TINY_BUILD_SETTINGS), **{"prompt_text": None, **changes})
 
 
-def record_run(folder: Path, stamp: str, settings: dict, scores: dict[str, float], kept: int = 8) -> None:
-    """A recorded run as lmms-eval and the wrapper leave it: ``<stamp>_results.json`` and ``<stamp>_tokens.json``."""
+def record_run(folder: Path, stamp: str, settings: dict, scores: dict[str, float], kept: int = 8,
+               device_prefill: list[float] | None = None) -> None:
+    """A recorded run as lmms-eval and the wrapper leave it: ``<stamp>_results.json`` and ``<stamp>_tokens.json``;
+    with ``device_prefill``, per-sample records of documents 0, 1, ... of each task, one batch each (document 0
+    the warm-up), with these device prefill seconds, 0.1 s of host preparation and 0.4 s of decode."""
     folder.mkdir(parents=True, exist_ok=True)
     results = {"results": {task: {"alias": task, "exact_match,none": score, "exact_match_stderr,none": 0.0}
                            for task, score in scores.items()}}
     (folder / f"{stamp}_results.json").write_text(json.dumps(results))
-    efficiency = {"generate_until": {"prefill_seconds_per_sample": 0.1 * kept, "llm_prefill_flops_per_sample": 100.0 * kept,
-                                     "vision_flops_per_sample": 10.0}}
+    efficiency = {"generate_until": {"llm_prefill_flops_per_sample": 100.0 * kept, "vision_flops_per_sample": 10.0}}
     tokens = {"settings": {"pretrained": "tiny", "family": "llava", "stage": "before_llm", "anyres": "full", **settings},
               "samples": 4, "samples_with_visuals": 4, "visual_tokens_before": 64, "visual_tokens_after": 4 * kept,
               "efficiency": efficiency}
+    if device_prefill is not None:
+        tokens["per_sample"] = [
+            {"request": "generate_until", "task": task, "split": "test", "doc_id": doc, "units": [],
+             "efficiency": {"batch_index": doc, "host_seconds": 0.1, "device_prefill_seconds": seconds, "decode_seconds": 0.4}}
+            for task in scores for doc, seconds in enumerate(device_prefill)]
     (folder / f"{stamp}_tokens.json").write_text(json.dumps(tokens))
 
 

@@ -24,6 +24,7 @@ import yaml
 
 from lmms_eval_redundancy.core.errors import UserError
 from lmms_eval_redundancy.core.files import write_atomically
+from lmms_eval_redundancy.runtime.efficiency import PHASES, Quartiles, after_warm_up
 
 
 def output_path_from_argv(argv: list[str], model_args: str | None = None) -> str | None:
@@ -96,16 +97,25 @@ def flops_ratio(samples: list[dict]) -> float | None:
 
 
 def summarize_efficiency(samples: list[dict]) -> dict:
-    """Per-sample means of the measured costs (peak memory: the maximum), split by request type."""
+    """Per request type: per-sample means of the measured costs (peak memory: the maximum), and under
+    ``phases_after_warm_up`` the median and interquartile range of each phase's per-sample seconds after the
+    warm-up (``runtime.efficiency.after_warm_up``)."""
     out = {}
     for request in sorted({s["request"] for s in samples}):
-        rows = [s.get("efficiency", {}) for s in samples if s["request"] == request]
-        keys = sorted({k for row in rows for k in row} - {"batch_size"})
+        of_request = [s for s in samples if s["request"] == request]
+        rows = [s.get("efficiency", {}) for s in of_request]
+        keys = sorted({k for row in rows for k in row} - {"batch_size", "batch_index"})
         out[request] = {
             f"{key}_per_sample" if key != "peak_memory_bytes" else key:
             (max if key == "peak_memory_bytes" else statistics.fmean)([row[key] for row in rows if key in row])
             for key in keys
         }
+        measured = [s["efficiency"] for s in after_warm_up(of_request)]
+        quartiles = {phase: Quartiles.of(row[phase] for row in measured) for phase in PHASES
+                     if measured and all(phase in row for row in measured)}
+        out[request]["phases_after_warm_up"] = {
+            "samples": len(measured),
+            **{phase: {"median": q.median, "iqr": [q.low, q.high]} for phase, q in quartiles.items()}}
     return out
 
 

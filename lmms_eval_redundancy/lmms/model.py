@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import difflib
 import functools
@@ -196,6 +197,7 @@ class LlavaRedundancy(lmms):
         self.decoding = Decoding.default(pruning.stage, compiled_llm=compiled)
         self.ledger = TokenLedger(self._rank, self._world_size, results_dir_for(pretrained, output_dir),
                                   {**self.engine.settings(), "compile": compiled, "pretrained": pretrained})
+        self.batches_done = collections.Counter()  # per request type
         atexit.register(self.ledger.finish_at_exit)
 
     @classmethod
@@ -285,10 +287,12 @@ class LlavaRedundancy(lmms):
         return prompts, batch, records
 
     def _log_records(self, request: str, requests_args, batch, records, meter: BatchMeter, cache=None) -> None:
-        """Token records and per-sample efficiency (batch-level costs shared evenly by its samples)."""
+        """Token records and per-sample efficiency (batch-level costs shared evenly by its samples; the batch's
+        index among this process's batches of ``request``, so that readers can leave out the warm-up)."""
         size = len(requests_args)
         shared = {key: value if key == "peak_memory_bytes" else value / size for key, value in meter.phases().items()}
-        shared["pruning_seconds"] = self.engine.method.selection.seconds / size
+        shared["batch_index"] = self.batches_done[request]  # 0: this process's warm-up batch of this request type
+        self.batches_done[request] += 1
         if cache is not None:
             shared["kv_cache_bytes"] = cache_bytes(cache) / size
         layers = self._model.config.text_config.num_hidden_layers
@@ -313,7 +317,7 @@ class LlavaRedundancy(lmms):
             until = [until] if isinstance(until, str) else list(until)
             temperature = float(gen_kwargs.get("temperature", 0) or 0)
             max_new_tokens, num_beams = int(gen_kwargs.get("max_new_tokens", 1024)), int(gen_kwargs.get("num_beams", 1))
-            with BatchMeter(self._device) as meter:
+            with BatchMeter(self._device, self.engine) as meter:
                 _, batch, records = self._build(chunk)
                 with torch.no_grad(), self.engine.around_llm(batch, records):
                     output = self._model.generate(
@@ -352,7 +356,7 @@ class LlavaRedundancy(lmms):
                 target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
                 for _, target, _, doc_id, task, split in chunk
             ]
-            with BatchMeter(self._device) as meter:
+            with BatchMeter(self._device, self.engine) as meter:
                 prompts, batch, records = self._build(chunk, continuations=continuations)
                 with torch.no_grad(), self.engine.around_llm(batch, records):
                     logits = self._model(**self.decoding.forward_inputs(batch.inputs_embeds, batch.attention_mask)).logits

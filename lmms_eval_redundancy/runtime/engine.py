@@ -20,6 +20,7 @@ import torch
 
 from lmms_eval_redundancy.core.registry import MethodError, Stage
 from lmms_eval_redundancy.core.splice import SplicedBatch, splice
+from lmms_eval_redundancy.core.timing import Stopwatch
 from lmms_eval_redundancy.core.units import (
     ANYRES_POLICIES,
     keep_all_records,
@@ -71,6 +72,8 @@ class PruningEngine:
         self.anyres = anyres
         self.log_keep_indices = log_keep_indices
         self.pad_id = processor.tokenizer.pad_token_id
+        self.vision = Stopwatch()  # the family's encode in the current batch (vision tower, projector, vision needs)
+        self.selection_in_vision = 0  # how many of ``method.selection``'s blocks ran inside it (the vision needs)
         method.attach(model, family)
 
     def settings(self) -> dict:
@@ -107,9 +110,12 @@ class PruningEngine:
         """
         with torch.set_grad_enabled(grad):
             self.method.selection.reset()
+            self.vision.reset()
             before_llm = self.method.stage is Stage.BEFORE_LLM
             needs = self.method.vision_needs() if before_llm else ()
-            visuals = self.family.encode(inputs, images_per_sample, videos_per_sample, needs, self.method.selection)
+            with self.vision.timing(self.model.device):
+                visuals = self.family.encode(inputs, images_per_sample, videos_per_sample, needs, self.method.selection)
+            self.selection_in_vision = self.method.selection.mark()
             if before_llm:
                 with self.method.selection.timing(self.model.device):
                     pruned = prune_batch(visuals, self.method, keys, self.anyres, self.log_keep_indices, self.family.project,

@@ -1,4 +1,4 @@
-"""Analytic prefill FLOPs of the LLM and the vision tower, from a model config and actual token counts.
+"""Analytic prefill FLOPs of the LLM, the vision tower and the projector, from a model config and actual token counts.
 
 One multiply-add counts as 2 FLOPs. Per decoder layer and token: the q/k/v/o projections, the gated MLP
 (three matrices) and causal attention (scores and weighted sum over the keys the token sees). Norms,
@@ -32,3 +32,14 @@ def vision_flops(vision_config, tiles: int, layers_used: int) -> float:
     patches = patch_grid(vision_config) ** 2 + int(vision_config.model_type.startswith("clip"))
     per_layer = 2 * patches * 4 * hidden * hidden + 2 * patches * 2 * hidden * inter + 2 * 2 * hidden * patches * patches
     return tiles * layers_used * per_layer
+
+
+def projector_flops(config, tiles: int) -> float:
+    """FLOPs of LLaVA's two-layer projector over the patch features of ``tiles`` views: the vision width (several
+    layers' features concatenated, when the model reads several) to the LLM's, then the LLM's to itself."""
+    vision, text = config.vision_config, config.text_config
+    layers = config.vision_feature_layer
+    width = vision.hidden_size * (len(layers) if isinstance(layers, (list, tuple)) else 1)
+    keeps_cls = config.vision_feature_select_strategy == "full" and vision.model_type.startswith("clip")
+    patches = patch_grid(vision) ** 2 + int(keeps_cls)
+    return 2 * tiles * patches * (width * text.hidden_size + text.hidden_size * text.hidden_size)

@@ -8,14 +8,18 @@ file's ``config``): runs with different settings never share a row, runs with th
 tasks fill the same row, and a rerun of a task already in the row (same settings) is reported as a
 duplicate, the newest run kept. A cell with no run stays empty: missing is never shown as zero.
 
-Each row is measured against an unpruned run of the same model ("percent of unpruned", prefill speed-up,
-FLOPs ratio): the one with the same lmms-eval options, else one that ran the same documents, else the
-first; a row whose documents (per task: how many ran, from which offset) differ from its reference's is
-warned about on stderr and in the markdown notes. The prefill speed-up is the ratio of the mean prefill
-seconds per sample; its spread is the interquartile range of the per-document ratios (the per-sample
-records of both runs, paired by task and document): the CSV holds it in ``speed-up spread`` (``"1.41-1.80"``,
-with `` unreliable`` appended when the range includes 1.0); markdown and LaTeX print the two together,
-``1.62 (1.41-1.80)`` or ``0.9 (0.4-1.7) unreliable``.
+Each row is measured against an unpruned run of the same model ("percent of unpruned", device prefill
+speed-up, FLOPs ratio): the one with the same lmms-eval options, else one that ran the same documents, else
+the first; a row whose documents (per task: how many ran, from which offset) differ from its reference's is
+warned about on stderr and in the markdown notes. Timings come from the per-sample records after each run's
+warm-up (its first batch of each request type, ``runtime.efficiency.after_warm_up``). The device prefill
+speed-up (vision tower + selection + LLM prefill, host preparation left out) is the median of the
+per-document ratios unpruned / pruned (the records of both runs, paired by task and document); its spread is
+their interquartile range: the CSV holds it in ``speed-up spread`` (``"1.41-1.8"``, with `` unreliable``
+appended when the range includes 1.0); markdown and LaTeX print the two together, ``1.62 (1.41-1.8)`` or
+``0.9 (0.4-1.7) unreliable``. ``samples/s`` is end to end: documents over their summed wall time (host
+preparation + device prefill + decode); the FLOPs ratio is analytic (vision + LLM prefill) and the KV-cache
+bytes are measured after generation.
 
 Run files that do not parse, or a results file that its tokens file names but that is gone, stop the
 comparison with a message naming each file; an interrupted run (tokens but no results file recorded) is
@@ -42,6 +46,7 @@ import pandas as pd
 from lmms_eval_redundancy.core.errors import UserError
 from lmms_eval_redundancy.core.files import figure_png, output_folder, write_atomically
 from lmms_eval_redundancy.core.registry import PATHS_KEY, UNPRUNED
+from lmms_eval_redundancy.runtime.efficiency import Quartiles, after_warm_up
 
 LABEL_OMITS = ("method", "budget", "stage", "pretrained", "family")  # shown elsewhere, or implied by the row's model
 AFTER_CUT = "tokens after last cut / sample"
@@ -83,7 +88,11 @@ def run_labels(settings: list[dict]) -> list[tuple[str, str]]:
 # lmms-eval options that change which documents run or what they ask, with their defaults (a run's row
 # records those it set otherwise); ``num_fewshot`` is only among the resolved command-line arguments
 EVAL_OPTIONS = {"limit": None, "offset": 0, "num_fewshot": None, "gen_kwargs": ""}
+SPEED_UP = "device prefill speed-up"
 SPREAD = "speed-up spread"
+DEVICE_PREFILL = "device prefill s / sample"  # median after the warm-up: vision tower + selection + LLM prefill
+SAMPLES_PER_SECOND = "samples/s"  # end to end: documents / (host preparation + device prefill + decode)
+KV_CACHE = "KV-cache bytes / sample"
 RERUN_FIX = ("rerun their cells (`lmms-eval-redundancy sweep SPEC` reruns a cell whose files do not parse) "
              "or move those run folders out of the folder you compare")
 
@@ -173,16 +182,18 @@ def read_runs(folder: str | Path) -> tuple[list[Run], list[str]]:
     return sorted(runs, key=lambda run: (run.tokens_file.name, str(run.tokens_file)), reverse=True), warnings
 
 
-def prefill_by_document(runs: list[Run]) -> dict[tuple, float]:
-    """Mean prefill seconds per ``(request, task, split, doc_id)`` from the runs' per-sample records."""
-    seconds: dict[tuple, list[float]] = {}
+def timings_by_document(runs: list[Run]) -> dict[tuple, tuple[float, float]]:
+    """Per ``(request, task, split, doc_id)`` after the warm-up: (device prefill seconds, wall seconds = host
+    preparation + device prefill + decode), from the runs' per-sample records."""
+    timings = {}
     for run in runs:
-        for sample in run.tokens.get("per_sample", []):
-            value = sample.get("efficiency", {}).get("prefill_seconds")
-            if value is not None:
+        for sample in after_warm_up(run.tokens.get("per_sample", [])):
+            efficiency = sample["efficiency"]
+            if "device_prefill_seconds" in efficiency:
                 key = (sample["request"], sample["task"], sample["split"], sample["doc_id"])
-                seconds.setdefault(key, []).append(value)
-    return {key: sum(values) / len(values) for key, values in seconds.items()}
+                timings[key] = (efficiency["device_prefill_seconds"], efficiency["host_seconds"]
+                                + efficiency["device_prefill_seconds"] + efficiency["decode_seconds"])
+    return timings
 
 
 def collect(folder: str | Path) -> Collected:
@@ -206,7 +217,7 @@ def collect(folder: str | Path) -> Collected:
         row = {"model": Path(settings["pretrained"]).name, "pretrained": settings["pretrained"], "run": label,
                "curve": curve, "method": settings["method"], "budget": settings["budget"], "metrics": {},
                "options": {k: v for k, v in settings.items() if k.startswith("--")}, "documents": {},
-               "prefill by document": prefill_by_document(runs)}
+               "timings by document": timings_by_document(runs)}
         for run in runs:
             row.update(run.scores)
             row["metrics"].update(run.metrics)
@@ -218,9 +229,12 @@ def collect(folder: str | Path) -> Collected:
         row[AFTER_CUT] = after / samples if samples else math.nan
         row[LAYER_MEAN] = layer_mean / samples if samples else math.nan
         row["achieved retention"] = after / before if before else math.nan
-        row["prefill s / sample"] = per_sample_mean(runs, "prefill_seconds_per_sample")
+        timings = row["timings by document"].values()
+        row[DEVICE_PREFILL] = Quartiles.of(device for device, _ in timings).median if timings else math.nan
+        row[SAMPLES_PER_SECOND] = len(timings) / sum(wall for _, wall in timings) if timings else math.nan
         row["flops / sample"] = (per_sample_mean(runs, "llm_prefill_flops_per_sample")
                                  + per_sample_mean(runs, "vision_flops_per_sample"))
+        row[KV_CACHE] = per_sample_mean(runs, "kv_cache_bytes_per_sample")
         rows.append(row)
     return Collected(pd.DataFrame(rows), duplicates, warnings)
 
@@ -231,10 +245,10 @@ def efficiency_of(tokens: dict) -> dict:
 
 
 def per_sample_mean(runs: list[Run], key: str) -> float:
-    """The runs' per-sample efficiency ``key``, weighted by their samples (NaN without efficiency records)."""
-    weights = [(run.tokens["samples"], efficiency) for run in runs if (efficiency := efficiency_of(run.tokens))]
+    """The runs' per-sample efficiency ``key``, weighted by their samples (NaN where none recorded it)."""
+    weights = [(run.tokens["samples"], efficiency[key]) for run in runs if key in (efficiency := efficiency_of(run.tokens))]
     total = sum(n for n, _ in weights)
-    return sum(n * e.get(key, 0) for n, e in weights) / total if total else math.nan
+    return sum(n * value for n, value in weights) / total if total else math.nan
 
 
 def task_columns(frame: pd.DataFrame) -> list[str]:
@@ -258,28 +272,28 @@ def reference_for(row: pd.Series, references: pd.DataFrame) -> pd.Series:
     return (same_options + same_documents + candidates)[0]
 
 
-def speed_up_spread(row: pd.Series, reference: pd.Series) -> str | float:
-    """``"q1-q3"`` of the per-document prefill speed-ups, ``" unreliable"`` appended when it includes 1.0; NaN
-    without per-sample records of both runs."""
-    ours, theirs = row["prefill by document"], reference["prefill by document"]
-    ratios = [theirs[key] / ours[key] for key in ours.keys() & theirs.keys() if ours[key] > 0]
-    if not ratios:
-        return math.nan
-    low, high = np.percentile(ratios, [25, 75])
-    return f"{low:.3g}-{high:.3g}" + (" unreliable" if low <= 1 <= high else "")
+def device_prefill_speed_up(row: pd.Series, reference: pd.Series) -> Quartiles | None:
+    """Median and quartiles of the per-document device prefill speed-ups (reference / row, documents both ran
+    after their warm-up); None without such records."""
+    ours, theirs = row["timings by document"], reference["timings by document"]
+    ratios = [theirs[key][0] / ours[key][0] for key in ours.keys() & theirs.keys() if ours[key][0] > 0]
+    return Quartiles.of(ratios) if ratios else None
 
 
 def measured(row: pd.Series, ref: pd.Series, tasks: list[str]) -> dict:
-    """``row`` against its unpruned reference: % of unpruned (mean over tasks), speed-up and spread, FLOPs ratio."""
+    """``row`` against its unpruned reference: % of unpruned (mean over tasks), device prefill speed-up and
+    spread, FLOPs ratio."""
     percents = [100 * row[t] / ref[t] for t in tasks if pd.notna(ref[t]) and ref[t] and pd.notna(row[t])]
+    speed_up = device_prefill_speed_up(row, ref)
     return {"% of unpruned (mean)": sum(percents) / len(percents) if percents else math.nan,
-            "prefill speed-up": ref["prefill s / sample"] / row["prefill s / sample"],
-            SPREAD: math.nan if ref.name == row.name else speed_up_spread(row, ref),
+            SPEED_UP: math.nan if speed_up is None else speed_up.median,
+            SPREAD: math.nan if speed_up is None or ref.name == row.name else speed_up.spread(),
             "FLOPs ratio": row["flops / sample"] / ref["flops / sample"]}
 
 
 def compare_table(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Per model: rows = method x budget, with % of unpruned, speed-up (and its spread) and FLOPs ratio.
+    """Per model: rows = method x budget, with % of unpruned, device prefill speed-up (and its spread),
+    end-to-end samples/s, FLOPs ratio and KV-cache bytes.
 
     Each table's ``attrs["notes"]`` holds the warnings about its rows (documents that differ from their
     reference's, no unpruned reference).
@@ -302,7 +316,8 @@ def compare_table(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
                 rows.append(measured(row, ref, tasks))
             group = pd.concat([group, pd.DataFrame(rows, index=group.index)], axis=1)
         order = ["run"] + tasks + [c for c in ("% of unpruned (mean)", AFTER_CUT, LAYER_MEAN,
-                                                "achieved retention", "prefill speed-up", SPREAD, "FLOPs ratio") if c in group]
+                                                "achieved retention", SPEED_UP, SPREAD, SAMPLES_PER_SECOND, "FLOPs ratio",
+                                                KV_CACHE) if c in group]
         group = group.assign(pruned=group["method"] != UNPRUNED).sort_values(
             ["pruned", "method", AFTER_CUT], ascending=[True, True, False])
         table = group[order].reset_index(drop=True)
@@ -322,8 +337,8 @@ def readable(table: pd.DataFrame) -> pd.DataFrame:
         quartiles, _, flag = spread.partition(" ")
         return f"{value:.3g} ({quartiles})" + (f" {flag}" if flag else "")
 
-    speed_up = [cell(value, spread) for value, spread in zip(table["prefill speed-up"], table[SPREAD])]
-    return table.drop(columns=SPREAD).assign(**{"prefill speed-up": pd.Series(speed_up, index=table.index, dtype=object)})
+    speed_up = [cell(value, spread) for value, spread in zip(table[SPEED_UP], table[SPREAD])]
+    return table.drop(columns=SPREAD).assign(**{SPEED_UP: pd.Series(speed_up, index=table.index, dtype=object)})
 
 
 def markdown(table: pd.DataFrame, notes: bool = False) -> str:
@@ -336,9 +351,9 @@ def markdown(table: pd.DataFrame, notes: bool = False) -> str:
 
 
 def model_rows(table: pd.DataFrame, frame: pd.DataFrame, model: str) -> pd.DataFrame:
-    """A model's table with each run's method, plot curve and prefill time."""
+    """A model's table with each run's method, plot curve and device prefill time."""
     runs = frame[frame["pretrained"].map(lambda p: Path(p).name) == model]
-    return table.merge(runs[["run", "method", "curve", "prefill s / sample"]], on="run")
+    return table.merge(runs[["run", "method", "curve", DEVICE_PREFILL]], on="run")
 
 
 def matched_table(rows: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -356,7 +371,7 @@ def matched_table(rows: pd.DataFrame, column: str) -> pd.DataFrame:
 
 def write_outputs(tables: dict[str, pd.DataFrame], frame: pd.DataFrame, out: str | Path, match: str = "tokens") -> list[Path]:
     """Markdown (with the table's notes), CSV and LaTeX per table, plus two plots per model (score against
-    ``match``'s measure, and against prefill time); returns the files written."""
+    ``match``'s measure, and against device prefill time); returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -374,7 +389,7 @@ def write_outputs(tables: dict[str, pd.DataFrame], frame: pd.DataFrame, out: str
             continue
         rows = model_rows(table, frame, model)
         for x_column, name, label in ((MATCH_AXES[match][0], f"score_vs_{match}", MATCH_AXES[match][1]),
-                                      ("prefill s / sample", "pareto_prefill", "prefill seconds per sample")):
+                                      (DEVICE_PREFILL, "pareto_prefill", "device prefill seconds per sample (median)")):
             fig, ax = plt.subplots(figsize=(5.5, 4))
             for curve, points in rows.groupby("curve"):
                 points = points.sort_values(x_column)

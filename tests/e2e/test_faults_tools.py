@@ -11,7 +11,6 @@ a replaced image again.
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -69,19 +68,16 @@ def cli(*args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600, check=False)
 
 
-def record_timed_run(folder: Path, stamp: str, settings: dict, score: float, prefill_seconds: list[float]) -> None:
-    """``record_run`` plus what lmms-eval and the ledger write besides: the ``--limit`` (one document per
-    prefill time), the documents run, and per-sample prefill times."""
-    record_run(folder, stamp, settings, {"tiny_image": score})
+def record_timed_run(folder: Path, stamp: str, settings: dict, score: float, device_prefill: list[float]) -> None:
+    """``record_run`` with per-sample timings, plus what lmms-eval and the ledger write besides: the ``--limit``
+    (one document per device prefill time) and the documents run."""
+    record_run(folder, stamp, settings, {"tiny_image": score}, device_prefill=device_prefill)
     results_file, tokens_file = folder / f"{stamp}_results.json", folder / f"{stamp}_tokens.json"
-    limit = len(prefill_seconds)
+    limit = len(device_prefill)
     results = {**json.loads(results_file.read_text()), "config": {"limit": limit, "offset": 0},
                "n-samples": {"tiny_image": {"original": 8, "effective": limit}}}
     results_file.write_text(json.dumps(results))
     tokens = json.loads(tokens_file.read_text())
-    tokens["efficiency"]["generate_until"]["prefill_seconds_per_sample"] = statistics.fmean(prefill_seconds)
-    tokens["per_sample"] = [{"request": "generate_until", "task": "tiny_image", "split": "test", "doc_id": doc, "units": [],
-                             "efficiency": {"prefill_seconds": seconds}} for doc, seconds in enumerate(prefill_seconds)]
     tokens["results_file"] = results_file.name
     tokens_file.write_text(json.dumps(tokens))
 
@@ -166,13 +162,15 @@ def test_a_speed_up_whose_spread_overlaps_one_is_marked_unreliable(compared):
     _, out = compared
     rows = {cells[1]: cells for line in (out / "tiny.md").read_text().splitlines() if line.startswith("| ")
             for cells in [[cell.strip() for cell in line.split("|")]]}
-    assert "0.833 (0.554-1.98) unreliable" in rows["random retention=0.5 (--limit=8)"]  # its documents 0-3 paired
-    assert "1.78 (1.66-1.88)" in rows["random retention=0.5 (--limit=4)"]  # with the per-document quartiles
+    # documents 1-3 paired (document 0 is each run's warm-up): the median ratio with the quartiles
+    assert "0.556 (0.553-1.18) unreliable" in rows["random retention=0.5 (--limit=8)"]
+    assert "1.67 (1.65-1.75)" in rows["random retention=0.5 (--limit=4)"]
     csv = (out / "tiny.csv").read_text().splitlines()
-    assert csv[0].split(",")[-3:] == ["prefill speed-up", "speed-up spread", "FLOPs ratio"]
+    assert csv[0].split(",")[-5:] == ["device prefill speed-up", "speed-up spread", "samples/s", "FLOPs ratio",
+                                      "KV-cache bytes / sample"]
     limit8 = next(line for line in csv if "--limit=8" in line).split(",")
-    float(limit8[-3])  # the speed-up stays a number; its spread and flag are beside it
-    assert limit8[-2].endswith(" unreliable")
+    float(limit8[-5])  # the speed-up stays a number; its spread and flag are beside it
+    assert limit8[-4].endswith(" unreliable")
 
 
 def test_a_rebuild_probes_an_image_that_was_unreadable_before_it_was_replaced(tiny_models, tmp_path):

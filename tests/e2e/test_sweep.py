@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -63,9 +64,12 @@ def test_compare_tables_match_the_results_files(swept):
         assert row["achieved retention"] == pytest.approx(tokens["achieved_retention"])
         efficiency = tokens["efficiency"]["generate_until"]
         flops = efficiency["llm_prefill_flops_per_sample"] + efficiency["vision_flops_per_sample"]
-        reference = reference or (flops, efficiency["prefill_seconds_per_sample"])
+        device_prefill = {sample["doc_id"]: sample["efficiency"]["device_prefill_seconds"] for sample in tokens["per_sample"]
+                          if sample["efficiency"]["batch_index"] > 0}  # after the warm-up batch
+        reference = reference or (flops, device_prefill)
         assert row["FLOPs ratio"] == pytest.approx(flops / reference[0])
-        assert row["prefill speed-up"] == pytest.approx(reference[1] / efficiency["prefill_seconds_per_sample"])
+        ratios = [reference[1][doc] / seconds for doc, seconds in device_prefill.items()]
+        assert len(ratios) >= 2 and row["device prefill speed-up"] == pytest.approx(statistics.median(ratios))
     for suffix in (".md", ".csv", ".tex"):
         assert (out / f"llava{suffix}").is_file()
     assert (out / "llava_score_vs_tokens.png").is_file() and (out / "llava_pareto_prefill.png").is_file()

@@ -3,6 +3,7 @@ run files that do not parse stop it; a speed-up comes with its spread."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
@@ -11,11 +12,12 @@ from conftest import record_run
 
 from lmms_eval_redundancy.core.errors import UserError
 from lmms_eval_redundancy.tools.compare import (
+    SPEED_UP,
     SPREAD,
     collect,
     compare,
+    device_prefill_speed_up,
     readable,
-    speed_up_spread,
 )
 
 NONE = {"method": "none", "budget": "all"}
@@ -103,24 +105,45 @@ def test_a_missing_folder_is_named_with_the_fix(tmp_path):
         compare(tmp_path / "nowhere")
 
 
-def row(index: int, prefill: dict) -> pd.Series:
-    return pd.Series({"prefill by document": prefill}, name=index)
+def row(index: int, device_prefill: dict) -> pd.Series:
+    return pd.Series({"timings by document": {key: (seconds, 1.0) for key, seconds in device_prefill.items()}}, name=index)
 
 
-def test_the_speed_up_spread_is_the_quartiles_of_the_per_document_ratios_flagged_when_it_includes_one():
+def test_the_speed_up_is_the_median_of_the_per_document_ratios_with_their_quartiles_flagged_when_they_include_one():
     reference = row(0, {("g", "t", "test", d): 1.0 for d in range(4)})
     steady = row(1, {("g", "t", "test", d): s for d, s in enumerate([0.5, 0.6, 0.5, 0.6])})
     noisy = row(2, {("g", "t", "test", d): s for d, s in enumerate([0.4, 2.0, 0.5, 1.8])})
-    assert speed_up_spread(steady, reference) == "1.67-2"
-    assert speed_up_spread(noisy, reference) == "0.542-2.12 unreliable"
-    assert math.isnan(speed_up_spread(row(3, {}), reference))  # no per-sample records: no spread to show
+    assert device_prefill_speed_up(steady, reference).median == pytest.approx((2 + 1 / 0.6) / 2)
+    assert device_prefill_speed_up(steady, reference).spread() == "1.67-2"
+    noisy_speed_up = device_prefill_speed_up(noisy, reference)
+    assert noisy_speed_up.spread() == "0.542-2.12 unreliable" and str(noisy_speed_up) == "1.28 (0.542-2.12) unreliable"
+    assert noisy_speed_up.median == pytest.approx((2 + 1 / 1.8) / 2)  # not the ratio of means (4 / 4.7)
+    assert device_prefill_speed_up(row(3, {}), reference) is None  # no per-sample records: nothing to show
 
 
 def test_tables_print_the_speed_up_with_its_spread_and_keep_the_csv_columns_numbers():
-    table = pd.DataFrame({"run": ["none", "a", "b"], "prefill speed-up": [1.0, 1.78, 0.833],
+    table = pd.DataFrame({"run": ["none", "a", "b"], SPEED_UP: [1.0, 1.78, 0.833],
                           SPREAD: [math.nan, "1.66-1.88", "0.554-1.98 unreliable"]})
-    assert list(readable(table)["prefill speed-up"]) == ["1", "1.78 (1.66-1.88)", "0.833 (0.554-1.98) unreliable"]
-    assert table["prefill speed-up"].dtype == float and SPREAD not in readable(table)
+    assert list(readable(table)[SPEED_UP]) == ["1", "1.78 (1.66-1.88)", "0.833 (0.554-1.98) unreliable"]
+    assert table[SPEED_UP].dtype == float and SPREAD not in readable(table)
+
+
+def test_speed_columns_leave_out_the_warm_up_and_count_samples_per_second_end_to_end(tmp_path):
+    # document 0 is each run's warm-up batch: its outlier times must not count
+    record_run(tmp_path / "ref", "20260101_000000", NONE, {"t": 1.0}, kept=16, device_prefill=[50.0, 1.0, 1.2, 0.8, 1.0])
+    record_run(tmp_path / "b", "20260101_000001", random_run(0), {"t": 0.5}, device_prefill=[90.0, 0.5, 0.4, 0.4, 0.5])
+    tokens_file = tmp_path / "b" / "20260101_000001_tokens.json"
+    tokens = json.loads(tokens_file.read_text())
+    tokens["efficiency"]["generate_until"]["kv_cache_bytes_per_sample"] = 1024.0
+    tokens_file.write_text(json.dumps(tokens))
+    table = compare(tmp_path, tmp_path / "compare")[0]["tiny"].set_index("run")
+    assert list(table.columns[-5:]) == [SPEED_UP, SPREAD, "samples/s", "FLOPs ratio", "KV-cache bytes / sample"]
+    pruned, unpruned = table.loc["random retention=0.5"], table.loc["none"]
+    assert pruned[SPEED_UP] == pytest.approx(2.0) and pruned[SPREAD] == "2-2.25"  # ratios 2, 3, 2, 2
+    assert pruned["samples/s"] == pytest.approx(4 / (4 * (0.1 + 0.4) + 1.8))  # host + device prefill + decode
+    assert unpruned["samples/s"] == pytest.approx(4 / (4 * (0.1 + 0.4) + 4.0))
+    assert unpruned[SPEED_UP] == 1.0 and math.isnan(unpruned[SPREAD])
+    assert pruned["KV-cache bytes / sample"] == 1024 and math.isnan(unpruned["KV-cache bytes / sample"])  # not recorded
 
 
 def test_both_token_budgets_are_columns_and_match_places_methods_at_equal_layer_mean_or_flops(tmp_path):

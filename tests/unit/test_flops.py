@@ -7,7 +7,7 @@ from transformers import LlamaConfig
 
 from lmms_eval_redundancy.families.tiny import real_geometry_config
 from lmms_eval_redundancy.runtime.efficiency import sample_flops
-from lmms_eval_redundancy.runtime.flops import llm_prefill_flops
+from lmms_eval_redundancy.runtime.flops import llm_prefill_flops, vision_flops
 
 
 def hand_count(tokens: int, hidden: int, kv: int, inter: int) -> float:
@@ -34,3 +34,6 @@ def test_llava15_prefill_flops_at_576_and_64_visual_tokens():
         hand_count(104, 4096, 4096, 11008) / hand_count(616, 4096, 4096, 11008))
     assert pruned["llm_prefill_flops"] < fastv["llm_prefill_flops"] < full["llm_prefill_flops"]
     assert full["vision_flops"] == pruned["vision_flops"] > 0
+    # the projector (1024 -> 4096 -> 4096) over the 576 patch features, beside the tower
+    tower = vision_flops(config.vision_config, 1, config.vision_config.num_hidden_layers)
+    assert full["vision_flops"] - tower == pytest.approx(2 * 576 * (1024 * 4096 + 4096 * 4096))

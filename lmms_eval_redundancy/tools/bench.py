@@ -42,6 +42,7 @@ from lmms_eval_redundancy.families.tiny import (
     real_geometry_config,
 )
 from lmms_eval_redundancy.lmms.requests import simple_requests
+from lmms_eval_redundancy.runtime.decoding import Decoding
 from lmms_eval_redundancy.runtime.efficiency import Quartiles
 from lmms_eval_redundancy.runtime.engine import PruningEngine
 from lmms_eval_redundancy.runtime.loading import load
@@ -243,6 +244,7 @@ def interleaved_runs(wrapper, methods: dict[str, typing.Callable[[], typing.Any]
     for turn in range(samples + 1):
         for name, build in methods.items():
             wrapper.engine = PruningEngine(wrapper.model, wrapper.processor, family, build())
+            wrapper.decoding = Decoding.default(wrapper.engine.method.stage)  # the method's cache, as a run of it has
             started = time.perf_counter()
             wrapper.generate_until(requests[turn * batch_size:(turn + 1) * batch_size])
             seconds = time.perf_counter() - started

@@ -292,7 +292,7 @@ class LlavaRedundancy(lmms):
             temperature = float(gen_kwargs.get("temperature", 0) or 0)
             with BatchMeter(self._device) as meter:
                 _, batch, records = self._build(chunk)
-                with torch.no_grad(), self.engine.around_llm(batch, records):
+                with torch.no_grad(), self.engine.around_llm(batch, records, int(gen_kwargs.get("max_new_tokens", 1024))):
                     output = self._model.generate(
                         inputs_embeds=batch.inputs_embeds,
                         attention_mask=batch.attention_mask,

@@ -142,7 +142,7 @@ class StageInputs:
     ``first_step <= step < first_step + steps`` (step 0: the first token after prefill): ``keys``, the key mask over
     the stage's prompt and the decoded tokens (``[B, 1, 1, T_s + first_step + steps]``, bool, or additive for eager
     attention), and with renumbered positions the decoded tokens' ``rotary`` embeddings and ``position_ids``
-    (``[B, steps, ...]``); a step takes slices of them.
+    (``[B, steps, ...]``); a step takes slices of them once (``decoding``: the step and its layers' inputs).
     """
 
     prefill: dict | None = None
@@ -151,6 +151,7 @@ class StageInputs:
     position_ids: torch.Tensor | None = None
     first_step: int = 0
     steps: int = 0
+    decoding: tuple[int, dict] | None = None
 
     def prepared(self, step: int) -> bool:
         return self.first_step <= step < self.first_step + self.steps
@@ -377,10 +378,12 @@ class MultiStageLLM(InsideLLM):
     def _stage_inputs(self, number: int, hidden_states: torch.Tensor, kwargs: dict, layer_index: int,
                       prefill: bool) -> dict:
         """The rotary embeddings, position ids and key mask a layer of stage ``number`` receives (``kwargs``: the
-        layer's own): at prefill as the stage's first layer built them, at a one-token decode step slices of what
-        the stage prepared for decoding (``StageInputs``), otherwise (several tokens after prefill) built anew."""
-        state = self.state
-        stage, inputs = state["stages"][number], state["inputs"].setdefault(number, StageInputs())
+        layer's own): at prefill as the stage's first layer built them, at a one-token decode step the slices of what
+        the stage prepared for decoding that its first layer took (``StageInputs``), otherwise (several tokens after
+        prefill) built anew."""
+        stage, inputs = self.state["stages"][number], self.state["inputs"].get(number)
+        if inputs is None:
+            inputs = self.state["inputs"][number] = StageInputs()
         cache = kwargs.get("past_key_values")
         past = cache.get_seq_length(layer_index) if cache is not None else 0
         if prefill:
@@ -390,15 +393,17 @@ class MultiStageLLM(InsideLLM):
         if hidden_states.shape[1] != 1 or cache is None:
             return self._layer_inputs(hidden_states, kwargs, stage, past, prefill)
         step = past - stage.index.shape[1]
-        if not inputs.prepared(step):
-            self._prepare_decoding(inputs, stage, hidden_states, kwargs, step)
-        moved = {"attention_mask": inputs.keys[..., :past + 1]}
-        if inputs.rotary is not None:
-            at = slice(step - inputs.first_step, step - inputs.first_step + 1)
-            moved["position_embeddings"] = (inputs.rotary[0][:, at], inputs.rotary[1][:, at])
-            if kwargs.get("position_ids") is not None:
-                moved["position_ids"] = inputs.position_ids[:, at]
-        return moved
+        if inputs.decoding is None or inputs.decoding[0] != step:
+            if not inputs.prepared(step):
+                self._prepare_decoding(inputs, stage, hidden_states, kwargs, step)
+            moved = {"attention_mask": inputs.keys[..., :past + 1]}
+            if inputs.rotary is not None:
+                at = slice(step - inputs.first_step, step - inputs.first_step + 1)
+                moved["position_embeddings"] = (inputs.rotary[0][:, at], inputs.rotary[1][:, at])
+                if kwargs.get("position_ids") is not None:
+                    moved["position_ids"] = inputs.position_ids[:, at]
+            inputs.decoding = (step, moved)
+        return inputs.decoding[1]
 
     def _prepare_decoding(self, inputs: StageInputs, stage: StageState, hidden_states: torch.Tensor, kwargs: dict,
                           step: int) -> None:

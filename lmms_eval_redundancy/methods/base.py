@@ -99,8 +99,9 @@ class InsideLLM(PruningMethod):
 
     stage: typing.ClassVar[Stage] = Stage.INSIDE_LLM
 
-    def around_llm(self, batch, records, log_keep: bool = False):
-        """Context for one generate/forward call over ``batch``; fills ``records`` with what was kept."""
+    def around_llm(self, batch, records, log_keep: bool = False, new_tokens: int | None = None):
+        """Context for one generate/forward call over ``batch``; fills ``records`` with what was kept.
+        ``new_tokens``: how many tokens the call generates at most (None: unknown, or a forward call)."""
         raise NotImplementedError
 
 
@@ -130,6 +131,32 @@ class StageState:
     inserted: torch.Tensor | None = None  # bool [B, T_s]: new rows the cut inserted (``cut_rows``), e.g. merged tokens
 
 
+DECODE_STEPS = 64  # one-token decode steps prepared at a time when the call does not say how many tokens it generates
+
+
+@dataclass
+class StageInputs:
+    """What every decoder layer of one stage receives during one LLM call, built by the stage's first layer.
+
+    ``prefill``: the layers' rotary embeddings, position ids and key mask at prefill. For the one-token decode steps
+    ``first_step <= step < first_step + steps`` (step 0: the first token after prefill): ``keys``, the key mask over
+    the stage's prompt and the decoded tokens (``[B, 1, 1, T_s + first_step + steps]``, bool, or additive for eager
+    attention), and with renumbered positions the decoded tokens' ``rotary`` embeddings and ``position_ids``
+    (``[B, steps, ...]``); a step takes slices of them once (``decoding``: the step and its layers' inputs).
+    """
+
+    prefill: dict | None = None
+    keys: torch.Tensor | None = None
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+    position_ids: torch.Tensor | None = None
+    first_step: int = 0
+    steps: int = 0
+    decoding: tuple[int, dict] | None = None
+
+    def prepared(self, step: int) -> bool:
+        return self.first_step <= step < self.first_step + self.steps
+
+
 REFERENCE_DEPTH = 32  # decoder layers of the LLMs (LLaMA-7B/Vicuna-7B) the official stage layers were set for
 
 
@@ -154,33 +181,37 @@ def last_token_attention(query: torch.Tensor, keys: torch.Tensor, scale: float, 
     return logits.softmax(dim=-1).mean(dim=1)
 
 
-def keep_positions(scores: torch.Tensor, prunable: torch.Tensor, keep_counts: list[int]) -> list[torch.Tensor]:
-    """Per row: every non-prunable position plus the ``k`` top-scoring prunable ones (ties to lower index)."""
-    kept = []
-    for row_scores, row_prunable, k in zip(scores, prunable, keep_counts):
-        candidates = torch.nonzero(row_prunable).flatten()
-        order = torch.sort(row_scores[candidates], descending=True, stable=True).indices[:k]
-        keep = ~row_prunable
-        keep[candidates[order]] = True
-        kept.append(torch.nonzero(keep).flatten())
-    return kept
+def ranked_positions(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """``long [B, T]``: per row the ``candidates`` positions by descending score (ties to the lower index), then the
+    other positions."""
+    by_score = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    candidates_first = torch.sort((~candidates.gather(1, by_score)).to(torch.uint8), dim=1, stable=True).indices
+    return by_score.gather(1, candidates_first)
 
 
-def rectangular(kept: list[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad each row's kept positions with its lowest dropped positions to a common width.
+def first_columns(counts: typing.Sequence[int], width: int, device: torch.device) -> torch.Tensor:
+    """``bool [B, width]``: True in the first ``counts[b]`` columns of row b."""
+    return torch.arange(width, device=device)[None, :] < torch.as_tensor(list(counts), device=device)[:, None]
+
+
+def keep_positions(scores: torch.Tensor, prunable: torch.Tensor, keep_counts: typing.Sequence[int]) -> torch.Tensor:
+    """``bool [B, T]``: per row every non-prunable position plus the ``keep_counts[b]`` top-scoring prunable ones
+    (ties to the lower index), for the whole batch at once."""
+    top = first_columns(keep_counts, scores.shape[1], scores.device)
+    return ~prunable | torch.zeros_like(prunable).scatter_(1, ranked_positions(scores, prunable), top)
+
+
+def rectangular(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad each row's kept positions (``kept``, ``bool [B, T]``) with its lowest dropped positions to a common width.
 
     Returns ``gather [B, T']`` (sorted per row) and ``kept_mask [B, T']`` (False at fillers).
     """
-    width = max(k.numel() for k in kept)
-    gathers, masks = [], []
-    for keep in kept:
-        is_kept = torch.zeros(length, dtype=torch.bool, device=keep.device)
-        is_kept[keep] = True
-        fillers = torch.nonzero(~is_kept).flatten()[: width - keep.numel()]
-        positions = torch.cat([keep, fillers]).sort().values
-        gathers.append(positions)
-        masks.append(is_kept[positions])
-    return torch.stack(gathers), torch.stack(masks)
+    counts = kept.sum(dim=1)
+    width = int(counts.max())
+    dropped = ~kept
+    taken = kept | (dropped & (dropped.cumsum(dim=1) <= (width - counts)[:, None]))
+    gather = torch.sort((~taken).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+    return gather, kept.gather(1, gather)
 
 
 @dataclass
@@ -189,8 +220,8 @@ class MultiStageLLM(InsideLLM):
 
     A pre-hook on each scoring layer ranks the visual tokens still present (``score``, from the query/key rows
     the family computes under any attention implementation); pre-hooks on the later layers gather hidden
-    states, positions and a key mask for the kept tokens. Each layer's KV cache holds what that layer saw,
-    so decoding stays consistent. ``renumber_positions``: False keeps the original RoPE positions (gaps
+    states and give them their stage's positions and key mask, built once per call (``StageInputs``: a decode
+    step's layer takes slices). Each layer's KV cache holds what that layer saw, so decoding stays consistent. ``renumber_positions``: False keeps the original RoPE positions (gaps
     allowed); True numbers each stage's tokens contiguously and lowers decoded positions to match.
     Rows of a batch keep different numbers of tokens; shorter rows are filled with dropped positions that
     are masked out as keys, so every layer sees one rectangular batch.
@@ -213,11 +244,11 @@ class MultiStageLLM(InsideLLM):
     def keep_counts(self, stage: int, scores: torch.Tensor, present: torch.Tensor, state: dict) -> list[int]:
         """How many of the ``present [B, T]`` visual tokens each row keeps at stage ``stage`` (the top-scoring ones).
         Default: the cut's ``keep`` of the number present."""
-        return [self.cuts()[stage].keep(int(n)) for n in present.sum(dim=1)]
+        return [self.cuts()[stage].keep(n) for n in present.sum(dim=1).tolist()]
 
-    def kept_positions(self, stage: int, scores: torch.Tensor, present: torch.Tensor, state: dict) -> list[torch.Tensor]:
-        """Per row, the current positions kept at stage ``stage``: all but the ``present`` visual tokens, and the
-        ``keep_counts`` top-scoring of those (override to choose otherwise)."""
+    def kept_positions(self, stage: int, scores: torch.Tensor, present: torch.Tensor, state: dict) -> torch.Tensor:
+        """``bool [B, T]``: the current positions kept at stage ``stage``: all but the ``present`` visual tokens, and
+        the ``keep_counts`` top-scoring of those (override to choose otherwise)."""
         return keep_positions(scores, present, self.keep_counts(stage, scores, present, state))
 
     def original_visual_counts(self, state: dict) -> torch.Tensor:
@@ -247,6 +278,7 @@ class MultiStageLLM(InsideLLM):
         for stage, cut in enumerate(cuts):
             if cut.scored_at < cut.layer:
                 self.hook(layers[cut.scored_at].self_attn.register_forward_pre_hook(self._score_hook(stage), with_kwargs=True))
+        self.layer_stages = [self.stage_of(index) for index in range(self.layer_count)]
         for index in range(cuts[0].layer, self.layer_count):
             self.hook(layers[index].register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
 
@@ -254,12 +286,15 @@ class MultiStageLLM(InsideLLM):
         """Check the method's parameters against the model before its cuts are read (override as needed)."""
 
     @contextlib.contextmanager
-    def around_llm(self, batch, records, log_keep: bool = False):
-        """Arm the hooks for one generate/forward call over ``batch`` and fill ``records`` after prefill."""
+    def around_llm(self, batch, records, log_keep: bool = False, new_tokens: int | None = None):
+        """Arm the hooks for one generate/forward call over ``batch`` and fill ``records`` after prefill; each stage's
+        layer inputs are built once (``StageInputs``: at prefill, and for ``new_tokens`` decode steps when the first
+        is decoded)."""
         valid = batch.attention_mask.bool()
         first = StageState(torch.arange(valid.shape[1], device=valid.device).expand_as(valid), valid)
         self.state = {"prunable": batch.prunable_mask, "visual": batch.visual_mask, "unit_ids": batch.unit_ids,
-                      "length": valid.shape[1], "stages": [first]}
+                      "length": valid.shape[1], "stages": [first], "inputs": {},
+                      "decode_steps": new_tokens or DECODE_STEPS}
         try:
             yield
             self._record(records, log_keep)
@@ -267,7 +302,7 @@ class MultiStageLLM(InsideLLM):
             self.state = None
 
     def stage_of(self, layer_index: int) -> int:
-        """How many cuts a decoder layer's input has been through."""
+        """How many cuts a decoder layer's input has been through (``layer_stages[layer_index]`` after ``attach``)."""
         return sum(cut.layer <= layer_index for cut in self.cuts())
 
     def _score_hook(self, stage: int):
@@ -299,22 +334,21 @@ class MultiStageLLM(InsideLLM):
             prefill = self.family.layer_positions(kwargs) == state["length"]
             if prefill:
                 for stage in scoring:
-                    current = state["stages"][-1]
-                    moved = dict(kwargs)
-                    if len(state["stages"]) > 1:
-                        self._positions(moved, hidden_states, current, state, prefill=True)
+                    current = len(state["stages"]) - 1
+                    position_embeddings = kwargs["position_embeddings"] if current == 0 else self._stage_inputs(
+                        current, hidden_states, kwargs, layer_index, prefill)["position_embeddings"]
                     with self.selection.timing(hidden_states.device):
                         self._choose(stage, module.self_attn, self.family.attention_input(module, hidden_states),
-                                     moved["position_embeddings"], state)
+                                     position_embeddings, state)
                 if starting and state["stages"][starting[0] + 1].local is not None:
                     local = state["stages"][starting[0] + 1].local
                     source = self.cut_rows(starting[0], hidden_states, state)
                     hidden_states = source.gather(1, local[..., None].expand(-1, -1, hidden_states.shape[-1]))
-            stage = state["stages"][self.stage_of(layer_index)]
+            number = self.layer_stages[layer_index]
+            stage = state["stages"][number]
             if stage.local is None and stage.index is state["stages"][0].index:
                 return (hidden_states,), kwargs  # nothing dropped so far: the layer runs as it is
-            self._positions(kwargs, hidden_states, stage, state, prefill)
-            kwargs["attention_mask"] = self._mask(hidden_states, kwargs.get("past_key_values"), layer_index, stage.valid)
+            kwargs.update(self._stage_inputs(number, hidden_states, kwargs, layer_index, prefill))
             return (hidden_states,), kwargs
 
         return hook
@@ -330,11 +364,10 @@ class MultiStageLLM(InsideLLM):
         rows: their ``local`` indices count on past the current sequence, into what ``cut_rows`` appends)."""
         prunable = state["prunable"].gather(1, current.index)
         present = prunable & current.valid
-        kept = self.kept_positions(stage, scores, present, state)
-        kept = [k[current.valid[row, k] | ~prunable[row, k]] for row, k in enumerate(kept)]  # fillers go again
-        if all(k.numel() == current.index.shape[1] for k in kept):
+        kept = self.kept_positions(stage, scores, present, state) & (current.valid | ~prunable)  # fillers go again
+        if bool(kept.all()):
             return StageState(current.index, current.valid)  # nothing to drop
-        local, is_kept = rectangular(kept, current.index.shape[1])
+        local, is_kept = rectangular(kept)
         return StageState(current.index.gather(1, local), is_kept & current.valid.gather(1, local), local)
 
     def cut_rows(self, stage: int, hidden_states: torch.Tensor, state: dict) -> torch.Tensor:
@@ -342,13 +375,67 @@ class MultiStageLLM(InsideLLM):
         appends along dim 1 (default: none)."""
         return hidden_states
 
-    def _positions(self, kwargs, hidden_states, stage: StageState, state, prefill: bool) -> None:
+    def _stage_inputs(self, number: int, hidden_states: torch.Tensor, kwargs: dict, layer_index: int,
+                      prefill: bool) -> dict:
+        """The rotary embeddings, position ids and key mask a layer of stage ``number`` receives (``kwargs``: the
+        layer's own): at prefill as the stage's first layer built them, at a one-token decode step the slices of what
+        the stage prepared for decoding that its first layer took (``StageInputs``), otherwise (several tokens after
+        prefill) built anew."""
+        stage, inputs = self.state["stages"][number], self.state["inputs"].get(number)
+        if inputs is None:
+            inputs = self.state["inputs"][number] = StageInputs()
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length(layer_index) if cache is not None else 0
+        if prefill:
+            if inputs.prefill is None:
+                inputs.prefill = self._layer_inputs(hidden_states, kwargs, stage, past, prefill)
+            return inputs.prefill
+        if hidden_states.shape[1] != 1 or cache is None:
+            return self._layer_inputs(hidden_states, kwargs, stage, past, prefill)
+        step = past - stage.index.shape[1]
+        if inputs.decoding is None or inputs.decoding[0] != step:
+            if not inputs.prepared(step):
+                self._prepare_decoding(inputs, stage, hidden_states, kwargs, step)
+            moved = {"attention_mask": inputs.keys[..., :past + 1]}
+            if inputs.rotary is not None:
+                at = slice(step - inputs.first_step, step - inputs.first_step + 1)
+                moved["position_embeddings"] = (inputs.rotary[0][:, at], inputs.rotary[1][:, at])
+                if kwargs.get("position_ids") is not None:
+                    moved["position_ids"] = inputs.position_ids[:, at]
+            inputs.decoding = (step, moved)
+        return inputs.decoding[1]
+
+    def _prepare_decoding(self, inputs: StageInputs, stage: StageState, hidden_states: torch.Tensor, kwargs: dict,
+                          step: int) -> None:
+        """Build a stage's key mask (and, with ``renumber_positions``, rotary embeddings) for the decode steps from
+        ``step`` on: as many as the call generates, twice as many as before when it runs past them. Decoded position
+        ids go up by one per step, as ``generate`` and the model itself number them."""
+        steps = max(self.state["decode_steps"], 2 * inputs.steps)
+        valid = torch.cat([stage.valid, stage.valid.new_ones(stage.valid.shape[0], step + steps)], dim=1)
+        inputs.keys = self._attention_mask(valid[:, None, None, :], hidden_states.dtype)
+        if self.renumber_positions:
+            first = self.state["stages"][0]
+            dropped = first.valid.sum(dim=1) - stage.valid.sum(dim=1)
+            given = kwargs["position_ids"].expand(dropped.shape[0], -1)
+            inputs.position_ids = given - dropped[:, None] + torch.arange(steps, device=given.device)
+            inputs.rotary = self.family.rotary_embeddings(hidden_states, inputs.position_ids)
+        inputs.first_step, inputs.steps = step, steps
+
+    def _layer_inputs(self, hidden_states: torch.Tensor, kwargs: dict, stage: StageState, past: int, prefill: bool) -> dict:
+        """A layer's rotary embeddings, position ids and key mask for a stage's tokens, built from its ``kwargs``."""
+        moved = {key: kwargs[key] for key in ("position_embeddings", "position_ids") if key in kwargs}
+        self._positions(moved, hidden_states, stage, prefill)
+        moved["attention_mask"] = self._mask(hidden_states, past, stage.valid)
+        return moved
+
+    def _positions(self, kwargs: dict, hidden_states: torch.Tensor, stage: StageState, prefill: bool) -> None:
         """Move a layer's rotary embeddings and position ids to a stage's tokens: their original positions, or
         (``renumber_positions``) those positions lowered by the tokens dropped before them."""
         if not self.renumber_positions:
             if prefill:
                 self.family.gather_positions(kwargs, stage.index)
             return
+        state = self.state
         first = state["stages"][0]
         given = kwargs.get("position_ids")
         if prefill and stage.inserted is not None:  # rows in sequence order, numbered on from each row's first position
@@ -367,20 +454,22 @@ class MultiStageLLM(InsideLLM):
         if given is not None:
             kwargs["position_ids"] = position_ids
 
-    def _mask(self, hidden_states, cache, layer_idx: int, kept_valid: torch.Tensor) -> torch.Tensor:
-        """Causal mask over a stage's kept keys (fillers and padding excluded) for one layer."""
+    def _mask(self, hidden_states: torch.Tensor, past: int, kept_valid: torch.Tensor) -> torch.Tensor:
+        """Causal mask over a stage's kept keys (fillers and padding excluded) for the ``hidden_states`` of one layer
+        call after ``past`` cached tokens."""
         queries = hidden_states.shape[1]
-        past = cache.get_seq_length(layer_idx) if cache is not None else 0
         total = past + queries
         valid = torch.cat([kept_valid, kept_valid.new_ones(kept_valid.shape[0], total - kept_valid.shape[1])], dim=1)
         key_index = torch.arange(total, device=hidden_states.device)
         query_index = torch.arange(past, total, device=hidden_states.device)
         allowed = (key_index[None, :] <= query_index[:, None])[None] & valid[:, None, :]
-        allowed = allowed[:, None]  # [B, 1, Q, K]
+        return self._attention_mask(allowed[:, None], hidden_states.dtype)  # [B, 1, Q, K]
+
+    def _attention_mask(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``allowed`` (bool) as the attention implementation takes it: as it is for sdpa, additive for eager."""
         if not self.float_mask:
             return allowed
-        blocked = torch.finfo(hidden_states.dtype).min
-        return torch.zeros(allowed.shape, dtype=hidden_states.dtype, device=allowed.device).masked_fill(~allowed, blocked)
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
     def _record(self, records, log_keep: bool) -> None:
         """Per image/frame: visual tokens at every layer, kept after the last cut (and, with ``log_keep``, which).
@@ -396,7 +485,7 @@ class MultiStageLLM(InsideLLM):
         inserted = torch.zeros_like(kept_per_stage[-1])
         if last.inserted is not None:
             inserted.scatter_(1, last.index, last.inserted & last.valid)
-        layer_stage = [min(self.stage_of(layer), len(stages) - 1) for layer in range(self.layer_count)]
+        layer_stage = [min(stage, len(stages) - 1) for stage in self.layer_stages]
         for row, row_records in enumerate(records):
             for index, record in enumerate(row_records):
                 in_unit = state["unit_ids"][row] == index

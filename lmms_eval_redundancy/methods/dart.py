@@ -99,13 +99,16 @@ def select(features: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, imag
     last_image = positions.masked_fill(~block, -1).max(dim=1).values
     after_image = valid & (positions[None, :] > last_image[:, None]) & (last_image[:, None] >= 0)
     pivots = torch.cat([top_positions(norms, image_mask, pivot_image), top_positions(norms, after_image, pivot_text)], dim=1)
-    # The set order depends on the values: walk the pivots by their index in the sample's unpadded sequence.
-    unpadded = (valid.long().cumsum(dim=1) - 1).gather(1, pivots.clamp(min=0))
-    walks = []
-    for row, row_unpadded in zip(pivots.tolist(), unpadded.tolist()):
-        by_index = {index: pivot for pivot, index in zip(row, row_unpadded) if pivot >= 0}
-        walks.append([by_index[index] for index in walk_order(list(by_index), pivot_order)])
-    walk = torch.tensor([w + [-1] * (pivots.shape[1] - len(w)) for w in walks], dtype=torch.long, device=device)
+    walk = pivots.gather(1, torch.sort((pivots < 0).to(torch.uint8), dim=1, stable=True).indices)  # listed, missing last
+    if pivot_order != "listed":
+        # CPython's set order depends on the values: walk the pivots by their index in the sample's unpadded sequence,
+        # one row at a time on the host.
+        unpadded = (valid.long().cumsum(dim=1) - 1).gather(1, pivots.clamp(min=0))
+        walks = []
+        for row, row_unpadded in zip(pivots.tolist(), unpadded.tolist()):
+            by_index = {index: pivot for pivot, index in zip(row, row_unpadded) if pivot >= 0}
+            walks.append([by_index[index] for index in walk_order(list(by_index), pivot_order)])
+        walk = torch.tensor([w + [-1] * (pivots.shape[1] - len(w)) for w in walks], dtype=torch.long, device=device)
 
     kept = (positions[None, :, None] == pivots[:, None, :pivot_image]).any(dim=-1)  # image pivots
     candidates = image_mask & ~kept

@@ -41,6 +41,7 @@ import torch
 from lmms_eval_redundancy.core.registry import MethodError, choice_param, register
 from lmms_eval_redundancy.core.visuals import PackedVisual
 from lmms_eval_redundancy.methods.base import Cut, MultiStageLLM, fitted_layers
+from lmms_eval_redundancy.methods.base import keep_positions as keep_top_scoring
 
 STAGE_LAYERS = (8, 16)
 KEEP_FRACTION = 1 - 0.7  # the official command line gives the pruned fraction
@@ -75,22 +76,23 @@ def stride_grid(rows: int, cols: int, stride: int, device: torch.device | str = 
 def select(scores: Sequence[torch.Tensor], counts: Sequence[int],
            protected: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
     """Per unit, ascending image indices: the ``counts[u]`` top scores of ``scores[u] [n_u]`` (ties to the lower
-    index) united with ``protected[u]`` (``bool [n_u]``, e.g. ``stride_grid``; None: nothing protected)."""
+    index) united with ``protected[u]`` (``bool [n_u]``, e.g. ``stride_grid``; None: nothing protected); the units
+    padded into one batch."""
     if not scores:
         return []
     device = scores[0].device
     lengths = [s.numel() for s in scores]
     widest = max(lengths)
-    padded = torch.full((len(scores), widest), float("-inf"), dtype=scores[0].dtype, device=device)
-    chosen = torch.zeros(len(scores), widest, dtype=torch.bool, device=device)
+    padded = torch.zeros(len(scores), widest, dtype=scores[0].dtype, device=device)
+    present = torch.zeros(len(scores), widest, dtype=torch.bool, device=device)
+    grid = torch.zeros_like(present)
     for u, row in enumerate(scores):
         padded[u, :row.numel()] = row
+        present[u, :row.numel()] = True
         if protected is not None and protected[u] is not None:
-            chosen[u, :row.numel()] = protected[u]
-    order = torch.sort(padded, dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(widest, device=device).expand_as(order))
-    chosen |= rank < torch.tensor(list(counts), device=device)[:, None]
-    return [torch.nonzero(chosen[u, :n]).flatten() for u, n in enumerate(lengths)]
+            grid[u, :row.numel()] = protected[u]
+    picked = keep_top_scoring(padded, present, counts) & present | grid
+    return [torch.nonzero(picked[u, :n]).flatten() for u, n in enumerate(lengths)]
 
 
 def keep_positions(image_start: int, image_count: int, length: int, kept: torch.Tensor) -> torch.Tensor:
@@ -169,8 +171,8 @@ class Feather(MultiStageLLM):
         return [Cut(layer=layer) for layer in self.stage_layers]
 
     @contextlib.contextmanager
-    def around_llm(self, batch, records, log_keep: bool = False):
-        with super().around_llm(batch, records, log_keep):
+    def around_llm(self, batch, records, log_keep: bool = False, new_tokens: int | None = None):
+        with super().around_llm(batch, records, log_keep, new_tokens):
             grid = torch.zeros_like(batch.visual_mask)
             for row, visuals in enumerate(batch.visuals):
                 if visuals:
@@ -200,20 +202,12 @@ class Feather(MultiStageLLM):
 
     def kept_positions(self, stage, scores, present, state):
         current = state["stages"][-1]
-        grid = state["grid"].gather(1, current.index) & present
         originals = self.original_visual_counts(state).tolist()
         initial_grid = (state["grid"] & state["stages"][0].valid).sum(dim=1).tolist()
-        columns = [torch.nonzero(row).flatten() for row in present]
-        counts = [keep_count(cols.numel(), self.keep_fraction(n, g), stage + 1)
-                  for cols, n, g in zip(columns, originals, initial_grid)]
-        chosen = select([scores[row, cols] for row, cols in enumerate(columns)], counts,
-                        [grid[row, cols] for row, cols in enumerate(columns)] if stage == 0 else None)
-        kept = []
-        for row, (cols, picked) in enumerate(zip(columns, chosen)):
-            keep = ~present[row]
-            keep[cols[picked]] = True
-            kept.append(torch.nonzero(keep).flatten())
-        return kept
+        counts = [keep_count(n, self.keep_fraction(original, grid), stage + 1)
+                  for n, original, grid in zip(present.sum(dim=1).tolist(), originals, initial_grid)]
+        kept = keep_top_scoring(scores, present, counts)
+        return kept | (state["grid"].gather(1, current.index) & present) if stage == 0 else kept
 
     def settings(self) -> dict:
         fraction = "solved per sample for the layer mean" if self.budget.kind == "tokens" else self.budget.value

@@ -56,8 +56,10 @@ from lmms_eval_redundancy.methods.base import (
     Cut,
     MultiStageLLM,
     StageState,
+    first_columns,
     fitted_layers,
     keep_positions,
+    ranked_positions,
 )
 from lmms_eval_redundancy.methods.random import unit_generator
 
@@ -140,11 +142,6 @@ def _padded(rows: Sequence[torch.Tensor], fill: float, dtype: torch.dtype | None
     return out
 
 
-def _lengths_mask(lengths: Sequence[int], width: int, device: torch.device) -> torch.Tensor:
-    """``[U, width]`` True at the first ``lengths[u]`` columns."""
-    return torch.arange(width, device=device)[None, :] < torch.tensor(list(lengths), device=device)[:, None]
-
-
 def _descending_order(scores: torch.Tensor) -> torch.Tensor:
     """Row-wise indices by descending score, ties to the lower index."""
     return torch.sort(scores, dim=1, descending=True, stable=True).indices
@@ -170,7 +167,7 @@ def cluster_and_merge(features: Sequence[torch.Tensor], counts: Sequence[int], n
     x = _padded(features, 0.0, dtype)  # [U, M, D]
     units, tokens, width = x.shape
     device = x.device
-    valid = _lengths_mask(sizes, tokens, device)
+    valid = first_columns(sizes, tokens, device)
     distance = _scaled_distances(x)
     density = torch.empty(units, tokens, dtype=dtype, device=device)
     for count in sorted(set(counts)):  # the mean runs over exactly ``count`` values, as officially
@@ -185,7 +182,7 @@ def cluster_and_merge(features: Sequence[torch.Tensor], counts: Sequence[int], n
     delta = torch.where(denser, distance, largest[:, None, None]).min(dim=-1).values
     widest = max(counts)
     centers = _descending_order((delta * density).masked_fill(~valid, float("-inf")))[:, :widest]  # [U, C]
-    is_center = _lengths_mask(counts, widest, device)
+    is_center = first_columns(counts, widest, device)
     to_center = distance.gather(1, centers[:, :, None].expand(-1, -1, tokens))
     cluster = to_center.masked_fill(~is_center[:, :, None], float("inf")).argmin(dim=1)  # [U, M]
     rows, slots = torch.nonzero(is_center, as_tuple=True)
@@ -244,7 +241,7 @@ def cut_stage(relations: Sequence[torch.Tensor], layer_outputs: Sequence[torch.T
     visual = [r.numel() for r in relations]
     widest = max(visual)
     scores = _padded(relations, float("-inf")) if widest else torch.zeros(len(relations), 0, device=device)
-    valid = _lengths_mask(visual, widest, device)
+    valid = first_columns(visual, widest, device)
     order = _descending_order(scores)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(widest, device=device).expand_as(order))
     kept_counts = [v if k is None else k for v, k in zip(visual, keep_counts)]
@@ -351,8 +348,8 @@ class SparseVLM(MultiStageLLM):
         return hidden_states.dtype if self.params.precision == "model" else torch.float32
 
     @contextlib.contextmanager
-    def around_llm(self, batch, records, log_keep: bool = False):
-        with super().around_llm(batch, records, log_keep):
+    def around_llm(self, batch, records, log_keep: bool = False, new_tokens: int | None = None):
+        with super().around_llm(batch, records, log_keep, new_tokens):
             self.state.update(raters=self.raters(batch), keys=batch.keys, plans={}, blocks={})
             yield
 
@@ -400,52 +397,51 @@ class SparseVLM(MultiStageLLM):
     def next_stage(self, stage, scores, current, state):
         """Kept tokens (``keep_positions``), then the recycled tokens' merged rows right after the visual block, fillers
         in front; a merged row's ``index`` is that of the recycled token of its rank (distinct, dropped)."""
-        length = current.index.shape[1]
+        batch, length = current.index.shape
+        device = current.index.device
         prunable = state["prunable"].gather(1, current.index)
         present = prunable & current.valid
         visual = (state["visual"].gather(1, current.index) | prunable) & current.valid
         originals = self.original_visual_counts(state).tolist()
-        counts = [self.keep_count(stage, row, int(n), originals[row]) for row, n in enumerate(present.sum(dim=1))]
+        present_counts = present.sum(dim=1).tolist()
+        counts = [self.keep_count(stage, row, n, originals[row]) for row, n in enumerate(present_counts)]
         if all(c is None for c in counts):
             return StageState(current.index, current.valid)
-        kept = keep_positions(scores, present, [int(n) if c is None else c for c, n in zip(counts, present.sum(dim=1))])
-        sequences, plans = [], {}
-        for row, (keep, count) in enumerate(zip(kept, counts)):
-            keep = keep[current.valid[row, keep] | ~prunable[row, keep]]
-            merged = torch.zeros(0, dtype=torch.long, device=keep.device)
-            if count is not None:
-                pruned = present[row].clone()
-                pruned[keep] = False
-                candidates = torch.nonzero(pruned).flatten()
-                order = torch.sort(scores[row, candidates], descending=True, stable=True).indices
-                recycled = candidates[order[:recycled_count(candidates.numel())]]
-                clusters = cluster_count(recycled.numel())
+        kept = keep_positions(scores, present, [n if c is None else c for c, n in zip(counts, present_counts)])
+        kept &= current.valid | ~prunable
+        pruned = present & ~kept
+        recycling = ranked_positions(scores, pruned)  # each row's pruned tokens by relation, the best first
+        cutting = [c is not None for c in counts]
+        recycled = [recycled_count(n) if cut else 0 for n, cut in zip(pruned.sum(dim=1).tolist(), cutting)]
+        merged = [cluster_count(n) if cut else 0 for n, cut in zip(recycled, cutting)]
+        plans = {}
+        for row, (n, cut) in enumerate(zip(recycled, cutting)):
+            if cut:
                 seeded = unit_generator(self.params.seed, f"{state['keys'][row]}/stage{stage}")
-                noise = torch.rand(recycled.numel(), generator=seeded, dtype=state["model_dtype"]).to(keep.device)
-                plans[row] = (recycled, clusters, noise)
-                merged = recycled[:clusters]
-            block_end = int(torch.nonzero(visual[row]).max()) if visual[row].any() else -1
-            split = int((keep <= block_end).sum())
-            sequences.append((keep, merged, split))
-        width = max(k.numel() + m.numel() for k, m, _ in sequences)
-        index, valid, local, inserted = [], [], [], []
-        for row, (keep, merged, split) in enumerate(sequences):
-            taken = torch.zeros(length, dtype=torch.bool, device=keep.device)
-            taken[keep] = True
-            taken[merged] = True
-            fillers = torch.nonzero(~taken).flatten()[: width - keep.numel() - merged.numel()]
-            slots = length + torch.arange(merged.numel(), device=keep.device)
-            local.append(torch.cat([fillers, keep[:split], slots, keep[split:]]))
-            index.append(torch.cat([current.index[row, fillers], current.index[row, keep[:split]],
-                                    current.index[row, merged], current.index[row, keep[split:]]]))
-            is_new = torch.zeros(width, dtype=torch.bool, device=keep.device)
-            is_new[fillers.numel() + split: fillers.numel() + split + merged.numel()] = True
-            inserted.append(is_new)
-            row_valid = torch.cat([torch.zeros_like(fillers, dtype=torch.bool), current.valid[row, keep[:split]],
-                                   torch.ones_like(merged, dtype=torch.bool), current.valid[row, keep[split:]]])
-            valid.append(row_valid)
+                noise = torch.rand(n, generator=seeded, dtype=state["model_dtype"]).to(device)
+                plans[row] = (recycling[row, :n], merged[row], noise)
         state["plans"][stage] = plans
-        return StageState(torch.stack(index), torch.stack(valid), torch.stack(local), torch.stack(inserted))
+        # One row per kept token and per merged token, filled up with the lowest other positions to a common width,
+        # ordered: fillers, kept tokens up to the visual block's end, merged tokens, the other kept tokens.
+        slots = max(merged)
+        is_merged = first_columns(merged, slots, device)
+        merged_from = recycling[:, :slots]
+        taken = kept | torch.zeros_like(kept).scatter_(1, merged_from, is_merged)
+        width = max(n + m for n, m in zip(kept.sum(dim=1).tolist(), merged))
+        free = ~taken
+        fillers = free & (free.cumsum(dim=1) <= (width - taken.sum(dim=1))[:, None])
+        positions = torch.arange(length, device=device).expand(batch, -1)
+        block_end = positions.masked_fill(~visual, -1).max(dim=1).values
+        group = torch.full_like(positions, 4)  # not in the new sequence
+        group[fillers] = 0
+        group[kept & (positions <= block_end[:, None])] = 1
+        group[kept & (positions > block_end[:, None])] = 3
+        group = torch.cat([group, torch.where(is_merged, 2, 4)], dim=1)
+        columns = group.shape[1]
+        local = torch.sort(group * columns + torch.arange(columns, device=device), dim=1).indices[:, :width]
+        index = torch.cat([current.index, current.index.gather(1, merged_from)], dim=1).gather(1, local)
+        valid = torch.cat([current.valid & ~fillers, is_merged], dim=1).gather(1, local)
+        return StageState(index, valid, local, local >= length)
 
     def cut_rows(self, stage, hidden_states, state):
         """The stage layer's output and, after it, each row's merged tokens (``cluster_and_merge`` of its recycled rows)."""

@@ -149,10 +149,11 @@ class PruningEngine:
             start += n_images
         return tiles
 
-    def around_llm(self, batch: SplicedBatch, records: list[list[UnitRecord]]):
-        """Context for the LLM call; methods acting inside the LLM hook in here."""
+    def around_llm(self, batch: SplicedBatch, records: list[list[UnitRecord]], new_tokens: int | None = None):
+        """Context for the LLM call (``new_tokens``: the most tokens it generates, if known); methods acting inside the
+        LLM hook in here."""
         if self.method.stage is Stage.INSIDE_LLM:
-            return self.method.around_llm(batch, records, self.log_keep_indices)
+            return self.method.around_llm(batch, records, self.log_keep_indices, new_tokens)
         return contextlib.nullcontext()
 
     def close(self) -> None:

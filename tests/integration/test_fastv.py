@@ -107,9 +107,9 @@ def test_pruned_generation_equals_no_cache_reference_masking_dropped_keys(tiny_m
     chosen = {}
     original = stages.rectangular
 
-    def spy(kept, length):
+    def spy(kept):
         chosen["kept"] = kept
-        return original(kept, length)
+        return original(kept)
 
     stages.rectangular = spy
     try:
@@ -215,6 +215,51 @@ def test_two_cuts_equal_a_no_cache_reference_masking_each_stages_dropped_keys(ti
     reference = masked_reference_generate(tiny_models[family], batch, kept[0], 1, 6, w.engine.family.placeholder_ids,
                                           later=(3, kept[1]), renumber=renumber)
     assert out[0].tolist() == reference
+
+
+BUILDERS = ("_layer_inputs", "_mask", "_prepare_decoding", "rotary_embeddings", "gather_positions")
+
+
+@pytest.mark.parametrize("method_name", ["fastv", "pdrop"])
+def test_stage_inputs_are_built_once_per_call_whatever_the_decode_steps(tiny_models, monkeypatch, method_name):
+    """Key masks, rotary embeddings and position gathers are built once per stage at prefill and once for the decode
+    steps, never per layer or per step; a call decoding past the steps it announced grows them and decodes the same."""
+    w = wrapper(tiny_models["llava"], method=method_name, retention=0.5)
+    engine, method = w.engine, w.engine.method
+    renumber, stages = method.renumber_positions, len(method.cuts())  # pdrop: 3 cuts, positions renumbered
+    counts = {}
+
+    def counting(owner, name):
+        function = getattr(owner, name)
+
+        def spy(*args, **kwargs):
+            counts[name] += 1
+            return function(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, spy)
+
+    for builder in BUILDERS:
+        counting(method if builder.startswith("_") else engine.family, builder)
+    docs = DOCS[:2]
+    inputs = engine.processor_inputs([w._prompt(d["question"], len(d["visuals"]), 0) for d in docs],
+                                     [d["visuals"] for d in docs], [])
+
+    def generate(tokens: int, announced: int) -> tuple[list, dict]:
+        counts.update(dict.fromkeys(BUILDERS, 0))
+        batch, records = engine.prune(inputs, [len(d["visuals"]) for d in docs], [0, 0], ["a", "b"])
+        with torch.no_grad(), engine.around_llm(batch, records, announced):
+            out = w.model.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                                   max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                                   suppress_tokens=engine.family.placeholder_ids, pad_token_id=w.tokenizer.pad_token_id)
+        return out.tolist(), dict(counts)
+
+    short, few = generate(3, 3)
+    long, many = generate(8, 8)
+    grown, regrown = generate(8, 2)
+    assert few == many == {"_layer_inputs": stages, "_mask": stages, "_prepare_decoding": stages,
+                           "rotary_embeddings": 2 * stages if renumber else 0, "gather_positions": 0 if renumber else stages}
+    assert [row[:3] for row in long] == short
+    assert grown == long and regrown["_prepare_decoding"] == 3 * stages  # 2 steps prepared, then 4, then 8
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -729,3 +729,49 @@ def test_every_method_selects_a_ragged_batch_as_it_selects_one_unit_at_a_time(ca
         assert (batched.merged is None) == (single.merged is None)
         if batched.merged is not None:
             assert torch.equal(batched.merged, single.merged) and torch.equal(batched.merged_after, single.merged_after)
+
+
+def loop_keep_positions(scores: torch.Tensor, prunable: torch.Tensor, keep_counts: list[int]) -> list[torch.Tensor]:
+    """One row at a time: every non-prunable position plus the ``k`` top-scoring prunable ones (ties to lower index)."""
+    kept = []
+    for row_scores, row_prunable, k in zip(scores, prunable, keep_counts):
+        candidates = torch.nonzero(row_prunable).flatten()
+        order = torch.sort(row_scores[candidates], descending=True, stable=True).indices[:k]
+        keep = ~row_prunable
+        keep[candidates[order]] = True
+        kept.append(torch.nonzero(keep).flatten())
+    return kept
+
+
+def loop_rectangular(kept: list[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row at a time: the kept positions and the lowest dropped ones up to the widest row, sorted."""
+    width = max(k.numel() for k in kept)
+    gathers, masks = [], []
+    for keep in kept:
+        is_kept = torch.zeros(length, dtype=torch.bool)
+        is_kept[keep] = True
+        positions = torch.cat([keep, torch.nonzero(~is_kept).flatten()[: width - keep.numel()]]).sort().values
+        gathers.append(positions)
+        masks.append(is_kept[positions])
+    return torch.stack(gathers), torch.stack(masks)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batched_keep_positions_and_rectangular_pick_as_one_row_at_a_time(seed):
+    """Ragged rows (some without prunable tokens, budgets from 0 to more than present), scores with ties and -inf."""
+    from lmms_eval_redundancy.methods.base import keep_positions, rectangular
+
+    generator = torch.Generator().manual_seed(seed)
+    rows, length = 5, 23
+    scores = torch.randint(0, 4, (rows, length), generator=generator).float()  # few values: many ties
+    scores[torch.rand(rows, length, generator=generator) < 0.1] = -math.inf
+    prunable = torch.rand(rows, length, generator=generator) < torch.rand(rows, 1, generator=generator)
+    prunable[seed % rows] = False
+    counts = torch.randint(0, length + 2, (rows,), generator=generator).tolist()
+    counts[(seed + 1) % rows] = 0
+    expected = loop_keep_positions(scores, prunable, counts)
+    kept = keep_positions(scores, prunable, counts)
+    assert [torch.nonzero(row).flatten().tolist() for row in kept] == [row.tolist() for row in expected]
+    gather, mask = rectangular(kept)
+    expected_gather, expected_mask = loop_rectangular(expected, length)
+    assert torch.equal(gather, expected_gather) and torch.equal(mask, expected_mask)

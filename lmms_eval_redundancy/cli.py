@@ -72,9 +72,9 @@ def _make_tiny(args) -> None:
 def _make_local_data(args) -> None:
     import datasets
 
+    from lmms_eval_redundancy.core.files import output_folder
     from lmms_eval_redundancy.embedded.shapes import patch_coverage
     from lmms_eval_redundancy.embedded.tasks import write_local_tasks
-    from lmms_eval_redundancy.core.files import output_folder
 
     folder = write_local_tasks(output_folder(args.out), shapes_docs=args.shapes_docs)
     images = datasets.load_dataset("parquet", data_files=str(folder / "data" / "shapes" / "shapes_image.parquet"))["train"]["image"]

@@ -156,8 +156,7 @@ class Family:
             layer = self.vision_encoder_layers[index]
             attention_needs = [n for n in layer_needs if n.kind not in LAYER_OUTPUT_NEEDS]
             if attention_needs:
-                handles.append(layer.self_attn.register_forward_pre_hook(
-                    self._attention_hook(attention_needs, captured, timing), with_kwargs=True))
+                handles.extend(self._attention_hooks(layer.self_attn, attention_needs, captured, timing))
             for need in layer_needs:
                 if need.kind == "cls_hidden" and not self.vision_has_cls:
                     raise FamilyError(f"{type(self.model.model.vision_tower).__name__} has no [CLS] token")
@@ -185,26 +184,35 @@ class Family:
         return {index for index, layer_needs in self.needs_by_layer(needs).items()
                 if any(n.kind not in LAYER_OUTPUT_NEEDS for n in layer_needs)}
 
-    def _attention_hook(self, needs: list[VisionNeed], captured: dict, timing):
-        """A pre-hook on a vision attention module computing the rows ``needs`` ask for from its q/k projections."""
+    def _attention_hooks(self, attention: torch.nn.Module, needs: list[VisionNeed], captured: dict, timing) -> list:
+        """Hooks on a vision attention module computing the rows ``needs`` ask for from the queries and keys the
+        module projects itself (read off its q/k projections as they run, not projected again); returns the handles."""
         if any(n.kind == "cls_attention" for n in needs) and not self.vision_has_cls:
             tower = type(self.model.model.vision_tower).__name__
             raise FamilyError(f"{tower} has no [CLS] token to read attention from")
         all_rows = any(n.kind == "received_attention" for n in needs)
+        projected: dict[str, torch.Tensor] = {}
 
-        def hook(module, args, kwargs):
-            hidden_states = args[0] if args else kwargs["hidden_states"]
-            with timing(hidden_states.device):
-                queries = slice(None) if all_rows else slice(0, 1)
-                query, keys, scale = self.vision_query_key(module, hidden_states, queries)
+        def keep(name: str):
+            def hook(module, args, output):
+                projected[name] = output
+            return hook
+
+        def compute(module, args, output):
+            keys, queries = projected.pop("keys"), projected.pop("queries", None)
+            with timing(keys.device):
+                batch, length, _ = keys.shape
+                keys = keys.view(batch, length, module.num_heads, module.head_dim)  # [B, T, H, d]
                 probs = None
                 for need in needs:
                     if need.kind == "keys":
-                        per_head = keys.transpose(1, 2)  # [B, T, H, d]
-                        captured[need].append(per_head if need.per_head else per_head.flatten(2))
+                        captured[need].append(keys if need.per_head else keys.flatten(2))
                         continue
-                    if probs is None and any(n.kind != "keys" for n in needs):
-                        probs = torch.softmax((query.float() @ keys.float().transpose(-1, -2)) * scale, dim=-1)
+                    if probs is None:
+                        rows = queries if all_rows else queries[:, :1]
+                        query = rows.view(batch, -1, module.num_heads, module.head_dim).transpose(1, 2)  # [B, H, Q, d]
+                        logits = query.float() @ keys.float().permute(0, 2, 3, 1)
+                        probs = torch.softmax(logits * module.scale, dim=-1)
                     if need.per_head:  # [B, patches, H]
                         rows = probs[:, :, 0, 1:] if need.kind == "cls_attention" else probs.mean(dim=2)
                         captured[need].append(rows.transpose(1, 2))
@@ -213,7 +221,10 @@ class Family:
                     else:
                         captured[need].append(probs.mean(dim=(1, 2)))
 
-        return hook
+        handles = [attention.k_proj.register_forward_hook(keep("keys"))]
+        if any(n.kind != "keys" for n in needs):
+            handles.append(attention.q_proj.register_forward_hook(keep("queries")))
+        return handles + [attention.register_forward_hook(compute)]
 
     # ---- vision tower internals --------------------------------------------------------------------
 
@@ -240,15 +251,6 @@ class Family:
     def vision_has_cls(self) -> bool:
         """Whether the tower's first token is a [CLS] token that LLaVA drops (the ``default`` strategy)."""
         return self.config.vision_feature_select_strategy == "default"
-
-    @staticmethod
-    def vision_query_key(attention: torch.nn.Module, hidden_states: torch.Tensor, queries: slice = slice(None)):
-        """``(q [B, H, Q, d], k [B, H, T, d], scale)`` of a CLIP/SigLIP attention module for the query rows ``queries``."""
-        batch, length, _ = hidden_states.shape
-        heads, head_dim = attention.num_heads, attention.head_dim
-        keys = attention.k_proj(hidden_states).view(batch, length, heads, head_dim).transpose(1, 2)
-        query = attention.q_proj(hidden_states[:, queries]).view(batch, -1, heads, head_dim).transpose(1, 2)
-        return query, keys, attention.scale
 
     # ---- LLM internals -----------------------------------------------------------------------------
 

@@ -3,8 +3,12 @@
 import math
 
 import torch
-from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers import (
+    CLIPImageProcessor,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
 
 from lmms_eval_redundancy.core.visuals import PackedVisual
 from lmms_eval_redundancy.families.base import Family
@@ -58,7 +62,7 @@ class Llava(Family):
     def tiny_processor(cls, tokenizer, image_size: int, patch_size: int, tower: str):
         """The processor matching ``tiny_config`` (same patch size, image size and tower)."""
         square = {"height": image_size, "width": image_size}
-        return LlavaProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size=square),
+        return LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=square),
                               **cls._tiny_processor_parts(tokenizer, patch_size))
 
     @staticmethod

@@ -4,10 +4,8 @@ import torch
 from transformers import (
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
     LlavaNextProcessor,
-)
-from transformers.models.llava_next.image_processing_pil_llava_next import (
-    LlavaNextImageProcessorPil,
 )
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
@@ -73,7 +71,7 @@ class LlavaNext(Llava):
 
     @classmethod
     def tiny_processor(cls, tokenizer, image_size: int, patch_size: int, tower: str):
-        image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": image_size},
+        image_processor = LlavaNextImageProcessor(size={"shortest_edge": image_size},
                                                      crop_size={"height": image_size, "width": image_size},
                                                      image_grid_pinpoints=tiny_pinpoints(image_size))
         return LlavaNextProcessor(image_processor=image_processor, **cls._tiny_processor_parts(tokenizer, patch_size))

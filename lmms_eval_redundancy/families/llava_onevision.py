@@ -6,11 +6,9 @@ import torch
 from transformers import (
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessor,
     LlavaOnevisionProcessor,
     LlavaOnevisionVideoProcessor,
-)
-from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-    LlavaOnevisionImageProcessorPil,
 )
 
 from lmms_eval_redundancy.core.visuals import PackedVisual
@@ -94,7 +92,7 @@ class LlavaOnevision(LlavaNext):
     def tiny_processor(cls, tokenizer, image_size: int, patch_size: int, tower: str):
         square = {"height": image_size, "width": image_size}
         return LlavaOnevisionProcessor(
-            image_processor=LlavaOnevisionImageProcessorPil(size=square, image_grid_pinpoints=tiny_pinpoints(image_size)),
+            image_processor=LlavaOnevisionImageProcessor(size=square, image_grid_pinpoints=tiny_pinpoints(image_size)),
             tokenizer=tokenizer,
             video_processor=LlavaOnevisionVideoProcessor(size=square),
             num_image_tokens=(image_size // patch_size) ** 2 + (tower == "clip"),

@@ -150,10 +150,11 @@ def real_geometry_config(name: str, text_layers: int = 1, vision_layers: int = 2
 CLIP_WORDS = [*WORDS, "it"]
 
 
-def build_tiny_clip(out_dir, vision_width: int, seed: int = 0, projection_dim: int = 16):
+def build_tiny_clip(out_dir, vision_width: int, seed: int = 0, projection_dim: int = 16, text: dict | None = None):
     """Save a random tiny CLIP checkpoint (text tower, tokenizer, a one-layer vision tower of width
     ``vision_width`` for its post-layernorm and visual projection) to ``out_dir``; the text config keeps
-    CLIP's legacy ``eos_token_id=2`` (pooling at the largest token id, the end-of-text token here)."""
+    CLIP's legacy ``eos_token_id=2`` (pooling at the largest token id, the end-of-text token here). ``text``
+    overrides the text tower's sizes (e.g. a real tower's widths and depth, for timing)."""
     import torch
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
 
@@ -167,13 +168,13 @@ def build_tiny_clip(out_dir, vision_width: int, seed: int = 0, projection_dim: i
         special_tokens=[(t, vocab[t]) for t in ("<|startoftext|>", "<|endoftext|>")])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<|pad|>", unk_token="<|unk|>",
                                         bos_token="<|startoftext|>", eos_token="<|endoftext|>")
-    text = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, max_position_embeddings=77, projection_dim=projection_dim,
-                          pad_token_id=0, bos_token_id=vocab["<|startoftext|>"], eos_token_id=2)
+    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, **(text or {})}
+    text_config = CLIPTextConfig(vocab_size=len(vocab), max_position_embeddings=77, projection_dim=projection_dim,
+                                 pad_token_id=0, bos_token_id=vocab["<|startoftext|>"], eos_token_id=2, **sizes)
     vision = CLIPVisionConfig(hidden_size=vision_width, intermediate_size=2 * vision_width, num_hidden_layers=1,
                               num_attention_heads=4, image_size=32, patch_size=8, projection_dim=projection_dim)
     torch.manual_seed(seed)
-    model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+    model = CLIPModel(CLIPConfig(text_config=text_config.to_dict(), vision_config=vision.to_dict(),
                                  projection_dim=projection_dim)).eval()
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -27,7 +27,8 @@ from lmms_eval_redundancy.core.registry import (
 from lmms_eval_redundancy.core.timing import Stopwatch
 from lmms_eval_redundancy.core.visuals import Selection, VisionNeed, VisualUnit
 
-__all__ = ["BeforeLLM", "Cut", "InsideLLM", "MultiStageLLM", "PruningMethod", "Selection", "VisionNeed", "VisualUnit"]
+__all__ = ["BeforeLLM", "Cut", "InsideLLM", "MultiStageLLM", "PruningMethod", "Selection", "VisionNeed", "VisualUnit",
+           "row_indices"]
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")  # implementations whose mask argument the multi-stage hooks can set
 
@@ -91,6 +92,12 @@ class BeforeLLM(PruningMethod):
     def select_units(self, units: list[VisualUnit]) -> list[Selection]:
         """Selections for every unit of a batch at once; override to batch the work (same picks as ``select_unit``)."""
         return [self.select_unit(unit) for unit in units]
+
+
+def row_indices(mask: torch.Tensor) -> list[torch.Tensor]:
+    """Ascending indices of the True entries of each row of ``mask [U, L]``, found for all rows at once (one
+    device round trip for their positions, one for their counts)."""
+    return list(torch.nonzero(mask)[:, 1].split(mask.sum(dim=1).tolist()))
 
 
 @dataclass

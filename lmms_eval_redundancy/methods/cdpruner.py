@@ -15,7 +15,9 @@ Rule, per view of ``N`` patches:
    ``d2 -= e**2``, ``d2[j] = -inf``. No early stop. Keep the ``k`` picks, sorted.
 
 The instruction is tokenised with BOS/EOS and no truncation, right-padded with zeros (ids and mask) to a
-multiple of 77 and cut into 77-token segments, one ``text_embeds`` row each (``text_segments``).
+multiple of 77 and cut into 77-token segments, one ``text_embeds`` row each (``text_segments``). The project runs
+the tower without the trailing positions that are padding in every segment of the batch: the tower is causal, so
+the embeddings are the same (up to float rounding: no real token attends to padding).
 
 Quirks and options:
 - Normalising ``F`` happens in the model's dtype officially; ``dtype`` selects it (project: float32).
@@ -182,12 +184,17 @@ class CDPruner(BeforeLLM):
         return {**super().settings(), "vision_layer": self.layer, "relevance_dtype": "float32",
                 "relevance_scope": "per sample (all its units)"}
 
-    def text_embeds(self, text: str) -> torch.Tensor:
-        """``text_embeds`` ``[M, P]`` of an instruction's 77-token segments (BOS/EOS, no truncation)."""
-        tokens = self.tokenizer(text, return_tensors="pt")
-        ids, mask = text_segments(tokens["input_ids"], tokens["attention_mask"])
+    def text_embeds(self, texts: list[str]) -> list[torch.Tensor]:
+        """``text_embeds [M, P]`` of each instruction's 77-token segments (BOS/EOS, no truncation), every segment in
+        one text-tower call. Positions that are padding in every segment are left out: the tower is causal, so no
+        real token attends to them, and the pooled (end-of-text) position is a real token."""
+        segments = [text_segments(tokens["input_ids"], tokens["attention_mask"])
+                    for tokens in (self.tokenizer(text, return_tensors="pt") for text in texts)]
+        ids, mask = (torch.cat(parts) for parts in zip(*segments))
+        used = int(mask.any(dim=0).nonzero().max()) + 1  # the tokenizer's tensors are on the CPU: no device round trip
         device = self.joint[1].weight.device
-        return self.text_model(input_ids=ids.to(device), attention_mask=mask.to(device)).text_embeds
+        embeds = self.text_model(input_ids=ids[:, :used].to(device), attention_mask=mask[:, :used].to(device)).text_embeds
+        return list(embeds.split([segment_ids.shape[0] for segment_ids, _ in segments]))
 
     def select_unit(self, unit: VisualUnit) -> Selection:
         return self.select_units([unit])[0]
@@ -205,17 +212,20 @@ class CDPruner(BeforeLLM):
         return features
 
     def select_units(self, units: list[VisualUnit]) -> list[Selection]:
-        """Relevance per sample (min-max over all its views), then one greedy loop over every view of the batch."""
+        """Relevance per sample (min-max over all its views), then one greedy loop over every view of the batch; the
+        text tower and the joint-space map run once each for the whole batch."""
         if not units:
             return []
         views = [(index, tile) for index, unit in enumerate(units) for tile in unit_views(unit)]
+        samples = list(dict.fromkeys(unit.sample for unit in units))
+        texts = [instruction_text(next(unit.text for unit in units if unit.sample == sample) or "") for sample in samples]
+        log.debug("cdpruner instructions of samples %s: %r", samples, texts)
+        states = [units[index].tile_vision[self.need][tile] for index, tile in views]
+        embeds = dict(zip(views, self.joint(torch.cat(states).float()).split([view.shape[0] for view in states])))
         scores: dict[tuple[int, int], torch.Tensor] = {}
-        for sample in dict.fromkeys(unit.sample for unit in units):
+        for sample, text in zip(samples, self.text_embeds(texts)):
             members = [view for view in views if units[view[0]].sample == sample]
-            text = instruction_text(units[members[0][0]].text or "")
-            log.debug("cdpruner instruction of sample %d: %r", sample, text)
-            embeds = [self.joint(units[index].tile_vision[self.need][tile].float()) for index, tile in members]
-            scores.update(zip(members, relevance(embeds, self.text_embeds(text), self.params.theta)))
+            scores.update(zip(members, relevance([embeds[view] for view in members], text, self.params.theta)))
         ks = [k for unit in units
               for k in view_counts(self.budget, len(unit_views(unit)), unit.tile_vision[self.need].shape[1])]
         dtype = torch.float32 if self.params.precision == "float32" else units[0].features.dtype

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from lmms_eval_redundancy.codebook.store import load_codebook
 from lmms_eval_redundancy.core.budget import Budget
@@ -26,7 +27,12 @@ from lmms_eval_redundancy.core.registry import (
     file_param,
     register,
 )
-from lmms_eval_redundancy.methods.base import BeforeLLM, Selection, VisualUnit
+from lmms_eval_redundancy.methods.base import (
+    BeforeLLM,
+    Selection,
+    VisualUnit,
+    row_indices,
+)
 
 VARIANTS = ("threshold", "ratio", "double_softmax")
 
@@ -43,10 +49,21 @@ def redundancy_scores(features: torch.Tensor, prototypes: torch.Tensor, dtype: t
     return cosines(features, prototypes, dtype).max(dim=-1).values
 
 
-def double_softmax_scores(features: torch.Tensor, prototypes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``[N]``: max over prototypes of softmax-over-tokens times softmax-over-prototypes of the cosines."""
-    cosine = cosines(features, prototypes, dtype)
-    return (cosine.softmax(dim=0) * cosine.softmax(dim=1)).max(dim=-1).values
+def unit_scores(features: list[torch.Tensor], prototypes: torch.Tensor, dtype: torch.dtype = torch.float32,
+                double_softmax: bool = False) -> torch.Tensor:
+    """``[U, L]`` scores of the tokens of each unit ``[N_u, D]``, padded with ``+inf`` to the longest: the max cosine
+    to the prototypes or (``double_softmax``) the max of softmax-over-the-unit's-tokens times
+    softmax-over-prototypes of the cosines. One product for all units (each token's cosines depend on it alone)."""
+    lengths = [unit.shape[0] for unit in features]
+    if not double_softmax:
+        scores = redundancy_scores(torch.cat(features), prototypes, dtype)
+        return pad_sequence(scores.split(lengths), batch_first=True, padding_value=float("inf"))
+    cosine = cosines(torch.cat(features), prototypes, dtype)  # [sum N_u, P]
+    over_tokens = pad_sequence(cosine.split(lengths), batch_first=True, padding_value=-float("inf")).softmax(dim=1)
+    over_prototypes = pad_sequence(cosine.softmax(dim=1).split(lengths), batch_first=True)
+    scores = (over_tokens * over_prototypes).max(dim=-1).values
+    padding = torch.arange(scores.shape[1], device=scores.device) >= torch.tensor(lengths, device=scores.device)[:, None]
+    return scores.masked_fill(padding, float("inf"))
 
 
 def double_softmax_keep_count(n: int, budget: Budget) -> int:
@@ -56,26 +73,31 @@ def double_softmax_keep_count(n: int, budget: Budget) -> int:
     return budget.keep_count(n)
 
 
-def keep_below(scores: torch.Tensor, threshold: float) -> tuple[torch.Tensor, bool]:
-    """Indices with ``score < threshold``; if none, the lowest-scoring index. Returns (keep, floor_hit)."""
-    keep = torch.nonzero(scores < threshold).flatten()
-    if keep.numel():
-        return keep, False
-    return scores.argmin().reshape(1), True
+def keep_below(scores: torch.Tensor, thresholds: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``scores [U, L]`` (padding ``+inf``): the positions scoring below its threshold, or if none, its
+    lowest-scoring position (first on ties). Returns (keep mask ``[U, L]``, floor hit ``[U]``)."""
+    keep = scores < (thresholds[:, None] if isinstance(thresholds, torch.Tensor) else thresholds)
+    floor = ~keep.any(dim=1)
+    lowest = torch.zeros_like(keep).scatter_(1, scores.argmin(dim=1, keepdim=True), True)
+    return keep | (lowest & floor[:, None]), floor
 
 
-def keep_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` lowest-scoring indices (ties to the lower index), sorted."""
-    return torch.sort(scores, stable=True).indices[:k].sort().values
+def keep_lowest(scores: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+    """Keep mask ``[U, L]`` of the ``ks[u]`` lowest scores of each row (padding ``+inf``; ties to the lower index)."""
+    order = torch.sort(scores, dim=1, stable=True).indices
+    ranks = torch.arange(scores.shape[1], device=scores.device).expand_as(order)
+    return torch.zeros_like(order, dtype=torch.bool).scatter_(1, order, ranks < ks[:, None])
 
 
-def keep_strictly_below_cut(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, bool]:
-    """The official tie rule: indices scoring strictly below the ``N - k``-th highest score (all when
-    ``k = N``); if that leaves none, the lowest-scoring index. Returns (keep, floor_hit)."""
-    drop = scores.numel() - k
-    if drop <= 0:
-        return torch.arange(scores.numel(), device=scores.device), False
-    return keep_below(scores, float(scores.topk(drop).values[-1]))
+def keep_strictly_below_cut(scores: torch.Tensor, ks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official tie rule per row of ``scores [U, L]`` (padding ``+inf``): positions scoring strictly below the
+    ``N_u - k_u``-th highest score (all when ``k_u = N_u``); if that leaves none, the lowest-scoring position.
+    Returns (keep mask, floor hit)."""
+    valid = scores != float("inf")
+    drop = valid.sum(dim=1) - ks
+    descending = torch.sort(scores.masked_fill(~valid, -float("inf")), dim=1, descending=True).values
+    cut = descending.gather(1, (drop - 1).clamp(min=0)[:, None]).squeeze(1)
+    return keep_below(scores, torch.where(drop > 0, cut, float("inf")))
 
 
 @register
@@ -123,17 +145,26 @@ class CodebookPruning(BeforeLLM):
         return {**super().settings(), **extra}
 
     def select_unit(self, unit: VisualUnit) -> Selection:
-        if self.prototypes.device != unit.features.device:
-            self.prototypes = self.prototypes.to(unit.features.device)
-        n, dtype = unit.features.shape[0], self.dtype or unit.features.dtype
-        if self.params.variant == "double_softmax":
-            scores = double_softmax_scores(unit.features, self.prototypes, dtype)
-            k = double_softmax_keep_count(n, self.budget)
-            if self.params.ties == "strict":
-                return Selection(*keep_strictly_below_cut(scores, k))
-            return Selection(keep_lowest(scores, k))
-        scores = redundancy_scores(unit.features, self.prototypes, dtype)
+        return self.select_units([unit])[0]
+
+    def select_units(self, units: list[VisualUnit]) -> list[Selection]:
+        """Every unit's scores in one product, then every unit's keep rule at once (units padded)."""
+        if not units:
+            return []
+        device = units[0].features.device
+        if self.prototypes.device != device:
+            self.prototypes = self.prototypes.to(device)
+        double_softmax = self.params.variant == "double_softmax"
+        scores = unit_scores([unit.features for unit in units], self.prototypes, self.dtype or units[0].features.dtype,
+                             double_softmax)
+        counts = [unit.features.shape[0] for unit in units]
         if self.params.variant == "threshold":
-            keep, floor_hit = keep_below(scores, self.budget.value)
-            return Selection(keep, floor_hit)
-        return Selection(keep_lowest(scores, self.budget.keep_count(n)))
+            keep, floor = keep_below(scores, self.budget.value)
+        else:
+            count = (lambda n: double_softmax_keep_count(n, self.budget)) if double_softmax else self.budget.keep_count
+            ks = torch.tensor([count(n) for n in counts], device=device)
+            if double_softmax and self.params.ties == "strict":
+                keep, floor = keep_strictly_below_cut(scores, ks)
+            else:
+                keep, floor = keep_lowest(scores, ks), torch.zeros(len(units), dtype=torch.bool, device=device)
+        return [Selection(kept, hit) for kept, hit in zip(row_indices(keep), floor.tolist())]

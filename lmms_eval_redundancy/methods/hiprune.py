@@ -44,6 +44,7 @@ from lmms_eval_redundancy.methods.base import (
     Selection,
     VisionNeed,
     VisualUnit,
+    row_indices,
 )
 from lmms_eval_redundancy.methods.views import positions_of, unit_views, view_counts
 
@@ -116,7 +117,7 @@ def select_batch(object_scores: Sequence[torch.Tensor], deep_scores: Sequence[to
     registers = torch.zeros_like(in_u).scatter_(
         1, order, torch.arange(longest, device=device)[None, :] < registers_wanted[:, None])
     keep = (in_u | registers) & valid
-    return [torch.nonzero(row).flatten() for row in keep]
+    return row_indices(keep)
 
 
 def select(object_scores: torch.Tensor, deep_scores: torch.Tensor, k: int, alpha: float = ALPHA,

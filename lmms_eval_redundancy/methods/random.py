@@ -29,6 +29,13 @@ class RandomPruning(BeforeLLM):
         seed: int = 0
 
     def select_unit(self, unit: VisualUnit) -> Selection:
-        n = unit.features.shape[0]
-        keep = select(n, self.budget.keep_count(n), unit_generator(self.params.seed, unit.key))
-        return Selection(keep.to(unit.features.device))
+        return self.select_units([unit])[0]
+
+    def select_units(self, units: list[VisualUnit]) -> list[Selection]:
+        """Each unit's draw from its own generator (on the CPU), moved to the device in one transfer."""
+        if not units:
+            return []
+        sizes = [unit.features.shape[0] for unit in units]
+        picks = [select(n, self.budget.keep_count(n), unit_generator(self.params.seed, unit.key)) for unit, n in zip(units, sizes)]
+        moved = torch.cat(picks).to(units[0].features.device).split([keep.numel() for keep in picks])
+        return [Selection(keep) for keep in moved]

@@ -48,6 +48,7 @@ from lmms_eval_redundancy.methods.base import (
     Selection,
     VisionNeed,
     VisualUnit,
+    row_indices,
 )
 from lmms_eval_redundancy.methods.views import (
     positions_of,
@@ -76,6 +77,29 @@ def select(features: torch.Tensor, scores: torch.Tensor, tokens: int, important_
     return select_batch([features], [scores], [tokens], important_ratio, dtype, official_odd_broadcast)[0]
 
 
+def removal_rounds(lengths: list[int], diverse: list[int],
+                   official_odd_broadcast: bool = False) -> tuple[list[tuple[int, list[int]]], list[int]]:
+    """The duplicate-removal schedule, which the counts alone decide (so the loop needs no device round trip): per
+    round, the width of the longest residual list and the flat ``[residual lengths before it, members of A it
+    drops (0: the view is done)]`` of the views; and the final residual lengths."""
+    rounds = []
+    while True:
+        dropped = []
+        for length, wanted in zip(lengths, diverse):
+            cap = min(ROUND_CAP, length - wanted)
+            even, odd = (length + 1) // 2, length // 2
+            if wanted <= 0 or cap <= 0:
+                dropped.append(0)
+            elif official_odd_broadcast and length % 2 == 1 and odd == cap:
+                dropped.append(even)
+            else:
+                dropped.append(min(cap, even))
+        if not any(dropped):
+            return rounds, lengths
+        rounds.append((max(lengths), lengths + dropped))
+        lengths = [length - drop for length, drop in zip(lengths, dropped)]
+
+
 def select_batch(features: list[torch.Tensor], scores: list[torch.Tensor], tokens: list[int],
                  important_ratio: float = 0.5, dtype: torch.dtype = torch.float32,
                  official_odd_broadcast: bool = False) -> list[torch.Tensor]:
@@ -83,9 +107,10 @@ def select_batch(features: list[torch.Tensor], scores: list[torch.Tensor], token
     duplicate-removal loop for all views, each view's picks exactly as alone (its cosines come from its own
     product)."""
     count, longest, device = len(features), max(f.shape[0] for f in features), features[0].device
+    important_counts = [int(t * important_ratio) for t in tokens]
+    diverse_counts = [t - i for t, i in zip(tokens, important_counts)]
     patches = torch.tensor([f.shape[0] for f in features], device=device)
-    important = torch.tensor([int(t * important_ratio) for t in tokens], device=device)
-    diverse = torch.tensor(tokens, device=device) - important
+    important, diverse = (torch.tensor(counts, device=device) for counts in (important_counts, diverse_counts))
     arange = torch.arange(longest, device=device)
 
     padded_scores = torch.full((count, longest), float("-inf"), dtype=dtype, device=device)
@@ -98,27 +123,24 @@ def select_batch(features: list[torch.Tensor], scores: list[torch.Tensor], token
     ranked = torch.sort(padded_scores, dim=1, descending=True, stable=True).indices
 
     # residual list: the ranked patches after the important ones, left-aligned, padded with `longest`
-    residual_length = (patches - important).clamp(min=0)
+    lengths = [max(f.shape[0] - i, 0) for f, i in zip(features, important_counts)]
     shift = (arange + important.clamp(max=longest)[:, None]).clamp(max=longest - 1)
-    residual = torch.where(arange < residual_length[:, None], ranked.gather(1, shift), longest)
-    while True:
-        cap = torch.minimum(torch.full_like(diverse, ROUND_CAP), residual_length - diverse)
-        active = (diverse > 0) & (cap > 0)
-        if not bool(active.any()):
-            break
-        residual = residual[:, : int(residual_length.max())]
+    residual = torch.where(arange < torch.tensor(lengths, device=device)[:, None], ranked.gather(1, shift), longest)
+    rounds, final_lengths = removal_rounds(lengths, diverse_counts, official_odd_broadcast)
+    schedule = torch.tensor([round_counts for _, round_counts in rounds], device=device).view(len(rounds), 2, count)
+    slots = torch.arange(longest + 1, device=device)
+    for (width, _), (residual_length, dropped) in zip(rounds, schedule):
+        active = dropped > 0
+        residual = residual[:, :width]
         even, odd = residual[:, 0::2], residual[:, 1::2]
         even_count, odd_count = (residual_length + 1) // 2, residual_length // 2
         pairs = even[:, :, None] * (longest + 1) + odd[:, None, :]  # [U, |A|, |B|] flat index into the table
         duplication = cosine.flatten(1).gather(1, pairs.flatten(1)).view(pairs.shape).max(dim=2).values
         order = torch.sort(duplication, dim=1, descending=True, stable=True).indices
-        dropped = torch.minimum(cap, even_count)
-        if official_odd_broadcast:
-            dropped = torch.where((residual_length % 2 == 1) & (odd_count == cap), even_count, dropped)
         survivors = even_count - dropped
         # new list: surviving A (after the dropped ones, in score order), then B in its old order
         candidates = torch.cat([even.gather(1, order), odd], dim=1)
-        slot = torch.arange(candidates.shape[1], device=device)
+        slot = slots[: candidates.shape[1]]
         from_even = slot < even.shape[1]
         odd_slot = slot - even.shape[1]
         position = torch.where(from_even, slot - dropped[:, None], survivors[:, None] + odd_slot)
@@ -126,14 +148,14 @@ def select_batch(features: list[torch.Tensor], scores: list[torch.Tensor], token
         updated = torch.full((count, residual.shape[1] + 1), longest, dtype=torch.long, device=device)
         updated.scatter_(1, torch.where(keep, position, residual.shape[1]), candidates)  # last column: discarded
         residual = torch.where(active[:, None], updated[:, :-1], residual)
-        residual_length = torch.where(active, residual_length - dropped, residual_length)
+    residual_length = torch.tensor(final_lengths, device=device)
 
     in_important = (arange < important[:, None]) & (arange < patches[:, None])
     in_residual = (arange < residual_length[:, None]) & (diverse > 0)[:, None]
     mask = torch.zeros((count, longest + 1), dtype=torch.bool, device=device)  # last column: discarded writes
     mask.scatter_(1, torch.where(in_important, ranked, longest), True)
     mask.scatter_(1, torch.where(in_residual[:, : residual.shape[1]], residual, longest), True)
-    return [torch.nonzero(mask[index, : rows.shape[0]]).flatten() for index, rows in enumerate(features)]
+    return row_indices(mask[:, :longest])
 
 
 def llava_unpad(height: int, width: int, image_size: tuple[int, int]) -> tuple[slice, slice]:

@@ -80,12 +80,13 @@ class PruningEngine:
         return {**self.method.settings(), "anyres": self.anyres, "family": self.family.name}
 
     def processor_inputs(self, prompts: list[str], images: list[list], videos: list):
-        """Processor outputs for a batch on the model's device, pixels in the model's dtype.
+        """Processor outputs for a batch on the model's device, pixels in the model's dtype; the torchvision-backed
+        image and video processors resize and normalise on that device.
 
         ``images`` is nested per sample (samples without images left out), ``videos`` flat in sample order.
         """
         inputs = self.processor(text=prompts, images=images or None, videos=videos or None, padding=True,
-                                return_tensors="pt").to(self.model.device)
+                                return_tensors="pt", device=self.model.device).to(self.model.device)
         for name in ("pixel_values", "pixel_values_videos"):
             if name in inputs:
                 inputs[name] = inputs[name].to(self.model.dtype)

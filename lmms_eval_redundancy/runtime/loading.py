@@ -102,6 +102,18 @@ def check_device(device) -> None:
         raise UserError(f"device={device} is not available: this machine has {count} {parsed.type} device(s); {usage}")
 
 
+def check_torchvision() -> None:
+    """Refuse to load without torchvision: the image and video processors run on it (on the model's device),
+    where transformers would otherwise fall back to its PIL processors on the CPU."""
+    from transformers.utils import is_torchvision_available
+
+    if not is_torchvision_available():
+        raise UserError("torchvision is not installed, and llava_redundancy preprocesses images and videos with "
+                        "transformers' torchvision-backed processors (on the model's device): install it with "
+                        "`pip install torchvision` (a dependency of lmms-eval-redundancy; pick the build matching "
+                        "your torch)")
+
+
 @contextlib.contextmanager
 def reading_checkpoint(pretrained: str, path: str):
     """transformers' errors while reading ``path`` as ``UserError``s naming the checkpoint and the fix."""
@@ -158,6 +170,7 @@ def load(pretrained: str, *, device: str | torch.device | None = None, dtype: st
 
     check_attn_implementation(attn_implementation)
     check_device(device)
+    check_torchvision()
     path = resolve_pretrained(pretrained)
     options = {"revision": revision, "trust_remote_code": trust_remote_code}
     load_kwargs = {**options, "dtype": torch_dtype(dtype)}
@@ -170,7 +183,7 @@ def load(pretrained: str, *, device: str | torch.device | None = None, dtype: st
         load_kwargs["device_map"] = device_map
     with reading_checkpoint(pretrained, path):
         model = family_class.model_class.from_pretrained(path, **load_kwargs).eval()
-        processor = AutoProcessor.from_pretrained(path, **options)
+        processor = AutoProcessor.from_pretrained(path, backend="torchvision", **options)
     if not device_map:
         model.to(device or default_device(process_layout().local_rank))
     return Loaded(model, processor, family_class(model, processor), path)

@@ -57,8 +57,11 @@ QUESTION = ("A chat between a curious human and an artificial intelligence assis
 
 def save_geometry_checkpoint(folder: Path, text_layers: int, vision_layers: int, dtype: torch.dtype) -> Path:
     """A random LLaVA-1.5-7B-shaped checkpoint (real widths, given depths) with a processor, saved to ``folder``."""
-    from transformers import LlavaForConditionalGeneration, LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers import (
+        CLIPImageProcessor,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     tokenizer = build_tokenizer()
     config = real_geometry_config("llava-1.5-7b", text_layers=text_layers, vision_layers=vision_layers,
@@ -66,7 +69,7 @@ def save_geometry_checkpoint(folder: Path, text_layers: int, vision_layers: int,
     config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     torch.manual_seed(0)
     LlavaForConditionalGeneration(config).to(dtype).eval().save_pretrained(folder)
-    processor = LlavaProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
                                tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
                                num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
     processor.save_pretrained(folder)
@@ -332,31 +335,60 @@ def speed(methods: list[str] | None = None, tokens: int = 64, samples: int = 5, 
 @torch.no_grad()
 def overhead(methods: list[str] | None = None, tokens: int = 64, repeats: int = 3, text_layers: int = 3,
              vision_layers: int = 24) -> list[dict]:
-    """Each method's own selection time (median of ``repeats`` after a warm-up) over unpruned prefill."""
+    """Each method's own selection time over unpruned prefill: the median over ``repeats`` (after a warm-up) of the
+    ratio of its selection to an unpruned prefill run right before it, so that both see the same machine load.
+
+    Prefill is timed from processor outputs (preprocessing excluded) to the first token's logits. A method
+    reading a CLIP text tower gets a random one of CLIP-L/336's text geometry; a method that cannot run on
+    this model (e.g. stage layers beyond ``text_layers``) gets a row saying why.
+    """
+    from lmms_eval_redundancy.core.registry import MethodError, param_names
+    from lmms_eval_redundancy.core.timing import sync
+    from lmms_eval_redundancy.families.tiny import build_tiny_clip
+
+    clip_l_text = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
     image = random_images(1)[0]
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         scratch = Path(folder)
         loaded = load(str(save_geometry_checkpoint(scratch / "model", text_layers, vision_layers, torch.float32)))
         prompt = chat_prompt(loaded.processor, chat_template_of(loaded.processor), "Describe the image.", 1, 0)
+
+        def prefill(engine: PruningEngine) -> float:
+            inputs = engine.processor_inputs([prompt], [[image]], [])
+            started = time.perf_counter()
+            batch, records = engine.prune(inputs, [1], [0], ["bench"])
+            with engine.around_llm(batch, records):
+                loaded.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, logits_to_keep=1)
+            sync(loaded.model.device)
+            return time.perf_counter() - started
+
+        reference = PruningEngine(loaded.model, loaded.processor, loaded.family, build_method(UNPRUNED, KEEP_ALL))
         for name in pruned_methods(methods):
-            method = build_method(name, KEEP_ALL if name == UNPRUNED else Budget("tokens", tokens),
-                                  **example_params(name, scratch, loaded.model.config.text_config.hidden_size))
-            engine = PruningEngine(loaded.model, loaded.processor, loaded.family, method)
-            prefill, selection = [], []
+            params = example_params(name, scratch, loaded.model.config.text_config.hidden_size)
+            if "clip_text" in param_names(name):
+                params["clip_text"] = str(build_tiny_clip(scratch / "clip", loaded.model.config.vision_config.hidden_size,
+                                                          projection_dim=768, text=clip_l_text))
+            try:
+                method = build_method(name, KEEP_ALL if name == UNPRUNED else Budget("tokens", tokens), **params)
+                engine = reference if name == UNPRUNED else PruningEngine(loaded.model, loaded.processor, loaded.family, method)
+            except MethodError as error:
+                rows.append({"method": name, "note": str(error)})
+                continue
+            unpruned, pruned, selection = [], [], []
             for _ in range(repeats + 1):
-                started = time.perf_counter()
-                batch, records = engine.prune(engine.processor_inputs([prompt], [[image]], []), [1], [0], ["bench"])
-                with engine.around_llm(batch, records):
-                    loaded.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, logits_to_keep=1)
-                prefill.append(time.perf_counter() - started)
-                selection.append(method.selection.seconds)
-            engine.close()
-            rows.append({"method": name, "prefill ms": 1000 * statistics.median(prefill[1:]),
-                         "selection ms": 1000 * statistics.median(selection[1:])})
-    for row in rows:
-        row["selection / unpruned prefill"] = row["selection ms"] / rows[0]["prefill ms"]
+                unpruned.append(prefill(reference))
+                pruned.append(prefill(engine))
+                selection.append(engine.method.selection.seconds)
+            if engine is not reference:
+                engine.close()
+            rows.append({"method": name, "unpruned prefill ms": 1000 * statistics.median(unpruned[1:]),
+                         "prefill ms": 1000 * statistics.median(pruned[1:]),
+                         "selection ms": 1000 * statistics.median(selection[1:]),
+                         "selection / unpruned prefill": statistics.median(
+                             s / u for s, u in zip(selection[1:], unpruned[1:]))})
+        reference.close()
     print(f"LLaVA-1.5-7B widths, {vision_layers} vision layers, {text_layers} LLM layers, {VISUAL_TOKENS} visual "
           f"tokens, keep {tokens}; median of {repeats} after a warm-up, {torch.get_num_threads()} threads")
-    print(tabulate(rows, headers="keys", tablefmt="github", floatfmt=".4f"))
+    print(tabulate(rows, headers="keys", tablefmt="github", floatfmt=".4f", missingval=""))
     return rows

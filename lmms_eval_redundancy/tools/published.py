@@ -136,7 +136,11 @@ def write_published(tables: dict[str, tuple[pd.DataFrame, list[str]]], out: str 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lmms_eval_redundancy.core.files import figure_png, output_folder, write_atomically
+    from lmms_eval_redundancy.core.files import (
+        figure_png,
+        output_folder,
+        write_atomically,
+    )
     from lmms_eval_redundancy.tools.compare import markdown
 
     out = output_folder(out)

@@ -14,7 +14,6 @@ from conftest import REPO, readme_methods, run_lmms_eval, sample_outputs
 
 from lmms_eval_redundancy.families import FAMILIES
 
-
 README_RUNS = {"merge_rest": "retention=0.5", "two_cuts": "retention=0.5"}  # the merging and the multi-stage base
 BATCH_SIZES = (1, 2)
 

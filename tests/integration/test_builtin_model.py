@@ -9,14 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import evaluate, method_cases
 from PIL import Image
 from transformers import (
     AutoConfig,
     AutoProcessor,
     LlavaOnevisionForConditionalGeneration,
 )
-
-from conftest import evaluate, method_cases
 
 from lmms_eval_redundancy.codebook.store import load_codebook
 from lmms_eval_redundancy.core.registry import UNPRUNED, available_methods

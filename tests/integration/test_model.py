@@ -150,6 +150,16 @@ def test_unsupported_transformers_version_is_refused(monkeypatch):
         versions.check_versions()
 
 
+def test_missing_torchvision_is_refused_before_loading_with_the_fix(tiny_models, monkeypatch):
+    import transformers.utils
+
+    from lmms_eval_redundancy.core.errors import UserError
+
+    monkeypatch.setattr(transformers.utils, "is_torchvision_available", lambda: False)
+    with pytest.raises(UserError, match="torchvision is not installed.*pip install torchvision"):
+        wrapper(tiny_models["llava"])
+
+
 def test_multi_round_generation_refuses_clearly(tiny_models):
     with pytest.raises(NotImplementedError, match="multi-round"):
         wrapper(tiny_models["llava"]).generate_until_multi_round([])

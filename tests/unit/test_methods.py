@@ -694,41 +694,56 @@ def need_shape(need) -> tuple[int, ...]:
 
 
 def ragged_units(method, sizes=(16, 9, 25, 4)) -> list[VisualUnit]:
-    """Units of different sizes (square grids), with random data for each vision need of ``method``."""
+    """Units of different sizes (square grids), with random data for each vision need of ``method``, and (for
+    methods that take packed sequences) a unit of two 3x3 views whose second view lost two patches to unpadding."""
     generator = torch.Generator().manual_seed(0)
+    layouts = [(torch.zeros(n, dtype=torch.long), torch.arange(n), (math.isqrt(n),) * 2) for n in sizes]
+    if not method.needs_grid:
+        kept = torch.tensor([0, 1, 2, 4, 5, 6, 7])
+        layouts.append((torch.cat([torch.zeros(9, dtype=torch.long), torch.ones(7, dtype=torch.long)]),
+                        torch.cat([torch.arange(9), kept]), None))
     units = []
-    for index, n in enumerate(sizes):
-        data = {need: torch.rand(1, n, *need_shape(need), generator=generator) for need in method.vision_needs()}
-        units.append(VisualUnit(torch.randn(n, 6, generator=generator), key=f"u{index}", grid=(math.isqrt(n),) * 2,
-                                tiles=torch.zeros(n, dtype=torch.long), patches=torch.arange(n),
-                                vision={need: d[0] for need, d in data.items()}, tile_vision=data))
+    for index, (tiles, patches, grid) in enumerate(layouts):
+        views, side = int(tiles.max()) + 1, math.isqrt(int(patches.max()) + 1)
+        data = {need: torch.rand(views, side * side, *need_shape(need), generator=generator) for need in method.vision_needs()}
+        units.append(VisualUnit(torch.randn(tiles.numel(), 6, generator=generator), key=f"u{index}", grid=grid,
+                                tiles=tiles, patches=patches, vision={need: d[tiles, patches] for need, d in data.items()},
+                                tile_vision=data))
     return units
 
 
+BUDGET_VALUES = {"retention": 0.4, "tokens": 4, "threshold": 0.0}
+
+
+@pytest.mark.parametrize("faithful", [False, True], ids=["project", "official"])
 @pytest.mark.parametrize("case", method_cases().values(), ids=lambda case: case["method"])
-def test_every_method_selects_a_ragged_batch_as_it_selects_one_unit_at_a_time(case, tmp_path):
-    from lmms_eval_redundancy.core.budget import parse_budget
-    from lmms_eval_redundancy.core.registry import Stage, method_class
+def test_every_method_selects_a_ragged_batch_as_it_selects_one_unit_at_a_time(case, faithful, tmp_path):
+    """Every budget kind the method takes, with the project's parameters and the official ones (``faithful``;
+    the codebook then scores with its official multi-image rule, the double softmax)."""
+    from lmms_eval_redundancy.core.registry import Stage, method_class, param_names
 
     if method_class(case["method"]).stage is not Stage.BEFORE_LLM:
         pytest.skip("chooses inside the LLM")
     if "clip_text" in case:
         pytest.skip("needs a CLIP checkpoint matching a real tower: tests/integration/test_cdpruner.py batches it")
-    args = {k: v for k, v in with_files(case, write_codebook(tmp_path, torch.randn(5, 6))).items() if k != "anyres"}
+    args = {k: v for k, v in with_files(case, write_codebook(tmp_path, torch.randn(5, 6))).items()
+            if k not in ("anyres", *BUDGET_VALUES)}
     name = args.pop("method")
-    budget = parse_budget(*(args.pop(key, None) for key in ("retention", "tokens", "threshold")))
-    method = build_method(name, budget, **args)
-    method.attach(SimpleNamespace(config=SimpleNamespace(text_config=SimpleNamespace(hidden_size=6),
-                                                         vision_config=SimpleNamespace(model_type="clip_vision_model"))),
-                  SimpleNamespace(vision_has_cls=True, vision_feature_layer_index=0, project=lambda states: states,
-                                  vision_encoder_layers=[None] * 2))
-    units = ragged_units(method)
-    together, alone = method.select_units(units), [method.select_unit(unit) for unit in units]
-    for batched, single in zip(together, alone):
-        assert batched.keep.tolist() == single.keep.tolist() and batched.floor_hit == single.floor_hit
-        assert (batched.merged is None) == (single.merged is None)
-        if batched.merged is not None:
-            assert torch.equal(batched.merged, single.merged) and torch.equal(batched.merged_after, single.merged_after)
+    for kind in method_class(name).budgets:
+        official_variant = faithful and "variant" in param_names(name) and kind != "threshold"
+        method = build_method(name, Budget(kind, BUDGET_VALUES[kind]), faithful=faithful, **args,
+                              **({"variant": "double_softmax"} if official_variant else {}))
+        method.attach(SimpleNamespace(config=SimpleNamespace(text_config=SimpleNamespace(hidden_size=6),
+                                                             vision_config=SimpleNamespace(model_type="clip_vision_model"))),
+                      SimpleNamespace(vision_has_cls=True, vision_feature_layer_index=0, project=lambda states: states,
+                                      vision_encoder_layers=[None] * 2))
+        units = ragged_units(method)
+        together, alone = method.select_units(units), [method.select_unit(unit) for unit in units]
+        for batched, single in zip(together, alone, strict=True):
+            assert batched.keep.tolist() == single.keep.tolist() and batched.floor_hit == single.floor_hit, kind
+            assert (batched.merged is None) == (single.merged is None)
+            if batched.merged is not None:
+                assert torch.equal(batched.merged, single.merged) and torch.equal(batched.merged_after, single.merged_after)
 
 
 def loop_keep_positions(scores: torch.Tensor, prunable: torch.Tensor, keep_counts: list[int]) -> list[torch.Tensor]:

@@ -12,6 +12,7 @@ from lmms_eval_redundancy.codebook.store import Codebook, save_codebook
 from lmms_eval_redundancy.core.budget import Budget
 from lmms_eval_redundancy.core.registry import MethodError, build_method
 from lmms_eval_redundancy.core.visuals import VisionNeed, VisualUnit
+from lmms_eval_redundancy.methods.base import row_indices
 from lmms_eval_redundancy.methods.codebook import keep_strictly_below_cut
 
 
@@ -42,13 +43,13 @@ def codebook_method(tmp_path, prototypes, budget, **params):
 
 
 def test_strict_cut_drops_ties_at_the_cut():
-    # two identical scores at the cut: the count keeps 2 of 4, the official cut keeps 1
-    scores = torch.tensor([0.1, 0.5, 0.5, 0.9])
-    keep, floor_hit = keep_strictly_below_cut(scores, 2)
-    assert keep.tolist() == [0] and not floor_hit
-    keep, floor_hit = keep_strictly_below_cut(torch.full((4,), 0.3), 2)
-    assert keep.tolist() == [0] and floor_hit  # all tied: nothing is strictly below; the floor keeps one
-    assert keep_strictly_below_cut(scores, 4)[0].tolist() == [0, 1, 2, 3]
+    # rows: two identical scores at the cut (the count keeps 2 of 4, the official cut keeps 1); all tied (nothing is
+    # strictly below, the floor keeps one); nothing to drop; a shorter unit padded with +inf
+    inf = float("inf")
+    scores = torch.tensor([[0.1, 0.5, 0.5, 0.9], [0.3] * 4, [0.1, 0.5, 0.5, 0.9], [0.7, 0.2, inf, inf]])
+    keep, floor_hit = keep_strictly_below_cut(scores, torch.tensor([2, 2, 4, 1]))
+    assert [row.tolist() for row in row_indices(keep)] == [[0], [0], [0, 1, 2, 3], [1]]
+    assert floor_hit.tolist() == [False, True, False, False]
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -76,11 +76,21 @@ register_readme_methods()
 
 
 def pytest_collection_modifyitems(items):
-    """Mark every test with the tier of its folder (``pytest -m unit`` runs the fast tier alone)."""
-    for item in items:
-        tier = Path(str(item.fspath)).parent.name
+    """Mark every test with the tier of its folder (``pytest -m unit`` runs the fast tier alone), and run the slow
+    tiers first (e2e, integration, unit): the workers take whole modules in this order, so short ones fill the end."""
+    tier_of = {item: Path(str(item.fspath)).parent.name for item in items}
+    for item, tier in tier_of.items():
         if tier in TIERS:
             item.add_marker(getattr(pytest.mark, tier))
+    items.sort(key=lambda item: -TIERS.index(tier_of[item]) if tier_of[item] in TIERS else 0)
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_kept():
+    """Every test leaves torch's thread count as it found it (results of later tests in the worker depend on it)."""
+    before = torch.get_num_threads()
+    yield
+    assert torch.get_num_threads() == before, f"the test changed torch's CPU threads from {before} to {torch.get_num_threads()}"
 
 
 @pytest.fixture(scope="session")

@@ -32,6 +32,19 @@ def stamp(device: torch.device) -> Stamp:
     return time.perf_counter()
 
 
+@contextlib.contextmanager
+def cpu_threads(count: int | None):
+    """torch's CPU threads set to ``count`` for the block (unchanged when ``None``), then set back: a command
+    run in-process (a test, a notebook) leaves its caller's thread count as it found it."""
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def elapsed(start: Stamp, end: Stamp) -> float:
     """Seconds from ``start`` to ``end`` (CUDA events: waits until ``end`` has been reached)."""
     if isinstance(start, float):

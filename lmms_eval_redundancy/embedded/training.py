@@ -219,91 +219,92 @@ def train(out_dir: str | Path, settings: TrainSettings | None = None, progress: 
     """Train the shapes model from scratch and save it (weights, processor, training record) to ``out_dir``."""
     from tqdm import tqdm
 
+    from lmms_eval_redundancy.core.timing import cpu_threads
     from lmms_eval_redundancy.core.versions import library_versions
     from lmms_eval_redundancy.embedded import shapes
     from lmms_eval_redundancy.families import family_of
 
     settings = settings or TrainSettings()
-    torch.set_num_threads(settings.threads)
-    started = time.time()
-    model, processor = build_untrained(settings)
-    previous = None
-    if settings.init_from:
-        from lmms_eval_redundancy.runtime.loading import load
+    with cpu_threads(settings.threads):
+        started = time.time()
+        model, processor = build_untrained(settings)
+        previous = None
+        if settings.init_from:
+            from lmms_eval_redundancy.runtime.loading import load
 
-        start = load(settings.init_from, device="cpu")
-        model = start.model
-        previous = json.loads((Path(start.path) / "training_record.json").read_text())
-    family = family_of(model.config.model_type)(model, processor)
-    with tempfile.TemporaryDirectory() as scratch:
-        train_dir = shapes.generate(Path(scratch) / "train" / "shapes", docs=settings.docs, size=settings.canvas,
-                                    seed=settings.data_seed)
-        eval_dir = shapes.generate(Path(scratch) / "eval" / "shapes", docs=settings.eval_docs,
-                                   size=settings.canvas, seed=settings.data_seed + 1)
-        train_docs, eval_docs = load_split(train_dir), load_split(eval_dir)
-    unknown = {w for docs in train_docs.values() for d in docs for w in (d["question"] + " " + d["answer"]).split()
-               if processor.tokenizer.convert_tokens_to_ids(w) == processor.tokenizer.unk_token_id}
-    if unknown:
-        raise ValueError(f"words missing from the tokenizer vocabulary: {sorted(unknown)}")
+            start = load(settings.init_from, device="cpu")
+            model = start.model
+            previous = json.loads((Path(start.path) / "training_record.json").read_text())
+        family = family_of(model.config.model_type)(model, processor)
+        with tempfile.TemporaryDirectory() as scratch:
+            train_dir = shapes.generate(Path(scratch) / "train" / "shapes", docs=settings.docs, size=settings.canvas,
+                                        seed=settings.data_seed)
+            eval_dir = shapes.generate(Path(scratch) / "eval" / "shapes", docs=settings.eval_docs,
+                                       size=settings.canvas, seed=settings.data_seed + 1)
+            train_docs, eval_docs = load_split(train_dir), load_split(eval_dir)
+        unknown = {w for docs in train_docs.values() for d in docs for w in (d["question"] + " " + d["answer"]).split()
+                   if processor.tokenizer.convert_tokens_to_ids(w) == processor.tokenizer.unk_token_id}
+        if unknown:
+            raise ValueError(f"words missing from the tokenizer vocabulary: {sorted(unknown)}")
 
-    probe = VisionProbe(settings.vision["hidden"], settings.image_size, settings.patch_size,
-                        processor.image_processor.image_mean, processor.image_processor.image_std, settings.canvas)
-    probe_rng = np.random.default_rng([settings.seed, 1])
-    params = list(model.parameters()) + list(probe.parameters())
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        probe = VisionProbe(settings.vision["hidden"], settings.image_size, settings.patch_size,
+                            processor.image_processor.image_mean, processor.image_processor.image_std, settings.canvas)
+        probe_rng = np.random.default_rng([settings.seed, 1])
+        params = list(model.parameters()) + list(probe.parameters())
+        optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
 
-    def lr_at(step: int) -> float:
-        if step < settings.warmup:
-            return (step + 1) / settings.warmup
-        done = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
-        return settings.min_lr_ratio + (1 - settings.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * done))
+        def lr_at(step: int) -> float:
+            if step < settings.warmup:
+                return (step + 1) / settings.warmup
+            done = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
+            return settings.min_lr_ratio + (1 - settings.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * done))
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-    rng = np.random.default_rng(settings.seed)
-    schedule = [task for task, weight in zip(TASKS, settings.task_weights) for _ in range(weight)]
-    log, evals = [], []
-    model.train()
-    bar = tqdm(range(settings.steps), desc="train shapes model", disable=not progress)
-    for step in bar:
-        task = schedule[step % len(schedule)]
-        docs = train_docs[task]
-        batch = [docs[i] for i in rng.choice(len(docs), size=settings.batch_size, replace=False)]
-        inputs = encode(processor, batch, with_answer=True)
-        dropout = float(rng.uniform(0, settings.max_dropout)) if rng.uniform() < settings.dropout_steps else 0.0
-        logits = answer_logits(model, processor, family, batch, inputs, dropout, key=f"step{step}")
-        answer_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), inputs["input_ids"][:, -2:].flatten())
-        scenes, labels = probe.scenes(probe_rng, settings.probe_scenes)
-        pixels = processor.image_processor(scenes, return_tensors="pt")["pixel_values"][:, 0]  # base views
-        vision_loss = probe.loss(model.model.vision_tower, pixels, labels)
-        loss = answer_loss + settings.vision_weight * vision_loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        log.append({"step": step, "task": task, "dropout": round(dropout, 3), "answer_loss": round(answer_loss.item(), 4),
-                    "vision_loss": round(vision_loss.item(), 4)})
-        bar.set_postfix(task=task[7:], loss=f"{answer_loss.item():.3f}")
-        if (step + 1) % settings.eval_every == 0 or step + 1 == settings.steps:
-            accuracy = {t: round(answer_accuracy(model, processor, eval_docs[t]), 4) for t in TASKS}
-            evals.append({"step": step + 1, "accuracy": accuracy})
-            bar.write(f"step {step + 1}: held-out answer accuracy {accuracy}")
-    model.eval()
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+        rng = np.random.default_rng(settings.seed)
+        schedule = [task for task, weight in zip(TASKS, settings.task_weights) for _ in range(weight)]
+        log, evals = [], []
+        model.train()
+        bar = tqdm(range(settings.steps), desc="train shapes model", disable=not progress)
+        for step in bar:
+            task = schedule[step % len(schedule)]
+            docs = train_docs[task]
+            batch = [docs[i] for i in rng.choice(len(docs), size=settings.batch_size, replace=False)]
+            inputs = encode(processor, batch, with_answer=True)
+            dropout = float(rng.uniform(0, settings.max_dropout)) if rng.uniform() < settings.dropout_steps else 0.0
+            logits = answer_logits(model, processor, family, batch, inputs, dropout, key=f"step{step}")
+            answer_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), inputs["input_ids"][:, -2:].flatten())
+            scenes, labels = probe.scenes(probe_rng, settings.probe_scenes)
+            pixels = processor.image_processor(scenes, return_tensors="pt")["pixel_values"][:, 0]  # base views
+            vision_loss = probe.loss(model.model.vision_tower, pixels, labels)
+            loss = answer_loss + settings.vision_weight * vision_loss
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            log.append({"step": step, "task": task, "dropout": round(dropout, 3), "answer_loss": round(answer_loss.item(), 4),
+                        "vision_loss": round(vision_loss.item(), 4)})
+            bar.set_postfix(task=task[7:], loss=f"{answer_loss.item():.3f}")
+            if (step + 1) % settings.eval_every == 0 or step + 1 == settings.steps:
+                accuracy = {t: round(answer_accuracy(model, processor, eval_docs[t]), 4) for t in TASKS}
+                evals.append({"step": step + 1, "accuracy": accuracy})
+                bar.write(f"step {step + 1}: held-out answer accuracy {accuracy}")
+        model.eval()
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    record = {
-        "settings": asdict(settings),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "train_docs": {t: len(d) for t, d in train_docs.items()},
-        "held_out_accuracy": evals,
-        "loss_every_50_steps": log[::50] + log[-1:],
-        "seconds": round(time.time() - started, 1),
-        "previous": previous,
-        "machine": {"platform": platform.platform(), "threads": settings.threads},
-        "versions": library_versions(),
-    }
-    (out_dir / "training_record.json").write_text(json.dumps(record, indent=1) + "\n")
-    return record
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out_dir)
+        processor.save_pretrained(out_dir)
+        record = {
+            "settings": asdict(settings),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "train_docs": {t: len(d) for t, d in train_docs.items()},
+            "held_out_accuracy": evals,
+            "loss_every_50_steps": log[::50] + log[-1:],
+            "seconds": round(time.time() - started, 1),
+            "previous": previous,
+            "machine": {"platform": platform.platform(), "threads": settings.threads},
+            "versions": library_versions(),
+        }
+        (out_dir / "training_record.json").write_text(json.dumps(record, indent=1) + "\n")
+        return record

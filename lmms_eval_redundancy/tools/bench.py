@@ -33,7 +33,7 @@ from lmms_eval_redundancy.core.registry import (
     file_params,
     param_names,
 )
-from lmms_eval_redundancy.core.timing import elapsed, stamp
+from lmms_eval_redundancy.core.timing import cpu_threads, elapsed, stamp
 from lmms_eval_redundancy.families.base import patch_grid
 from lmms_eval_redundancy.families.tiny import (
     CHAT_TEMPLATE,
@@ -296,40 +296,39 @@ def speed(methods: list[str] | None = None, tokens: int = 64, samples: int = 5, 
 
     transformers.logging.set_verbosity_error()  # random checkpoints: their loading reports are expected, not news
     gpu = torch.cuda.is_available()
-    if threads or not gpu:
-        torch.set_num_threads(threads or 1)
-    text_layers, vision_layers, dtype = default_depths(text_layers, vision_layers)
-    batch_sizes = batch_sizes or default_batch_sizes()
-    new_tokens = new_tokens or (16 if gpu else 4)
-    docs = [{"question": QUESTION, "visuals": [image]} for image in random_images((samples + 1) * max(batch_sizes))]
-    hf_rate = None
-    with tempfile.TemporaryDirectory() as folder:
-        scratch = Path(folder)
-        checkpoint = save_geometry_checkpoint(scratch / "model", text_layers, vision_layers, dtype)
-        wrapper = LlavaRedundancy(pretrained=str(checkpoint), dtype=str(dtype).removeprefix("torch."))
-        never_ending(wrapper.model, wrapper.tokenizer.eos_token_id)
-        builders = {name: functools.partial(build_method, name, KEEP_ALL if name == UNPRUNED else Budget("tokens", tokens),
-                                            **example_params(name, scratch, 4096))
-                    for name in pruned_methods(methods)}
-        runs = [run for batch in batch_sizes for run in interleaved_runs(wrapper, builders, docs, batch, samples, new_tokens)]
-        config, weights, device = wrapper.model.config, weight_bytes(wrapper.model), wrapper.device
-        del wrapper
-        gc.collect()
-        if gpu:
-            torch.cuda.empty_cache()
-            hf_rate = llava_hf_samples_per_second(checkpoint, docs, device, dtype, samples, new_tokens)
-    rates = measure_rates(device) if gpu else None
-    rows = speed_rows(runs, config, weights, dtype.itemsize, rates, hf_rate)
-    where = (f"GPU {torch.cuda.get_device_name()} (matmul {rates.matmul_flops / 1e12:.0f} TFLOP/s, copy "
-             f"{rates.bandwidth / 1e9:.0f} GB/s; llava_hf {hf_rate:.2f} samples/s at batch 1)") if gpu else \
-        f"CPU, {torch.get_num_threads()} threads"
-    print(f"LLaVA-1.5-7B widths, {vision_layers} vision layers, {text_layers} LLM layers, {where}, {dtype}, keep "
-          f"{tokens} of {VISUAL_TOKENS} visual tokens; per batch size the methods take turns: a warm-up batch each, then "
-          f"{samples} batches each, {new_tokens} new tokens per request; device prefill speed-up: median (interquartile range) of "
-          "the per-request ratios to unpruned")
-    print(tabulate([{k: v for k, v in row.items() if k != "speed-up"} for row in rows], headers="keys",
-                   tablefmt="github", floatfmt=".3f"))
-    return rows
+    with cpu_threads(threads or (None if gpu else 1)):
+        text_layers, vision_layers, dtype = default_depths(text_layers, vision_layers)
+        batch_sizes = batch_sizes or default_batch_sizes()
+        new_tokens = new_tokens or (16 if gpu else 4)
+        docs = [{"question": QUESTION, "visuals": [image]} for image in random_images((samples + 1) * max(batch_sizes))]
+        hf_rate = None
+        with tempfile.TemporaryDirectory() as folder:
+            scratch = Path(folder)
+            checkpoint = save_geometry_checkpoint(scratch / "model", text_layers, vision_layers, dtype)
+            wrapper = LlavaRedundancy(pretrained=str(checkpoint), dtype=str(dtype).removeprefix("torch."))
+            never_ending(wrapper.model, wrapper.tokenizer.eos_token_id)
+            builders = {name: functools.partial(build_method, name, KEEP_ALL if name == UNPRUNED else Budget("tokens", tokens),
+                                                **example_params(name, scratch, 4096))
+                        for name in pruned_methods(methods)}
+            runs = [run for batch in batch_sizes for run in interleaved_runs(wrapper, builders, docs, batch, samples, new_tokens)]
+            config, weights, device = wrapper.model.config, weight_bytes(wrapper.model), wrapper.device
+            del wrapper
+            gc.collect()
+            if gpu:
+                torch.cuda.empty_cache()
+                hf_rate = llava_hf_samples_per_second(checkpoint, docs, device, dtype, samples, new_tokens)
+        rates = measure_rates(device) if gpu else None
+        rows = speed_rows(runs, config, weights, dtype.itemsize, rates, hf_rate)
+        where = (f"GPU {torch.cuda.get_device_name()} (matmul {rates.matmul_flops / 1e12:.0f} TFLOP/s, copy "
+                 f"{rates.bandwidth / 1e9:.0f} GB/s; llava_hf {hf_rate:.2f} samples/s at batch 1)") if gpu else \
+            f"CPU, {torch.get_num_threads()} threads"
+        print(f"LLaVA-1.5-7B widths, {vision_layers} vision layers, {text_layers} LLM layers, {where}, {dtype}, keep "
+              f"{tokens} of {VISUAL_TOKENS} visual tokens; per batch size the methods take turns: a warm-up batch each, then "
+              f"{samples} batches each, {new_tokens} new tokens per request; device prefill speed-up: median (interquartile range) of "
+              "the per-request ratios to unpruned")
+        print(tabulate([{k: v for k, v in row.items() if k != "speed-up"} for row in rows], headers="keys",
+                       tablefmt="github", floatfmt=".3f"))
+        return rows
 
 
 @torch.no_grad()

@@ -73,6 +73,16 @@ def test_a_stopwatch_on_the_host_clock_times_real_work():
     assert watch.seconds == 0 and watch.mark() == 0
 
 
+def test_cpu_threads_are_set_for_the_block_and_set_back_even_after_an_error():
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError), timing.cpu_threads(before + 1):
+        assert torch.get_num_threads() == before + 1
+        raise RuntimeError
+    assert torch.get_num_threads() == before
+    with timing.cpu_threads(None):
+        assert torch.get_num_threads() == before
+
+
 def test_quartiles_flag_a_speed_up_whose_spread_includes_one():
     steady, noisy = Quartiles.of([1.5, 2.0, 2.5, 3.0, 3.5]), Quartiles.of([0.5, 0.8, 1.2, 1.6, 2.0])
     assert (steady.median, steady.low, steady.high) == (2.5, 2.0, 3.0) and not steady.unreliable

@@ -51,6 +51,34 @@ def release_file(relative: str) -> Path:
     return path
 
 
+FIDELITY = REPO.parent / "shared" / "fidelity"  # the official code's outputs on synthetic cases, beside the repository
+
+
+def fidelity_cases(method: str, kind: str | None = None) -> list:
+    """The official-code cases of ``method`` (``FIDELITY/<method>.json``; those of ``kind`` when given) as pytest
+    parameters named by case id; one skipped parameter when the file is absent."""
+    path = FIDELITY / f"{method}.json"
+    if not path.is_file():
+        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no fidelity cases under {FIDELITY}"))]
+    return [pytest.param(case, id=case["id"]) for case in json.loads(path.read_text())["cases"] if kind in (None, case["kind"])]
+
+
+@functools.cache
+def fidelity_tensors(method: str) -> dict[str, torch.Tensor]:
+    """The tensors that ``method``'s official-code cases name, read once per worker."""
+    from safetensors.torch import load_file
+
+    return load_file(FIDELITY / f"{method}.safetensors")
+
+
+def official_expected(case: dict) -> tuple[dict, dict]:
+    """A case's expected values and tensors under the project's tie rule: where the official order of tied scores
+    decides, the lower index first."""
+    if case["tie_order_dependent"]:
+        return case["expected_lower_index_ties"], case["expected_lower_index_ties_tensors"]
+    return case["expected"], case["expected_tensors"]
+
+
 LOCAL_TASKS = "tiny_image,tiny_multi_image,tiny_video,tiny_image_choice"
 LOCAL_DOCS = {"tiny_image": 8, "tiny_multi_image": 8, "tiny_video": 4, "tiny_image_choice": 8}
 LOCAL_REQUESTS = 8 + 8 + 4 + 8 * 4  # multiple choice sends one loglikelihood request per choice
@@ -131,6 +159,14 @@ def tiny_codebook(tiny_models, tmp_path_factory) -> tuple[Path, float]:
     threshold = round(float(redundancy_scores(second.features, prototypes).median()), 4)
     meta = {"model": str(tiny_models["llava"]), "source": "tiny: projected tokens of a noise image", "threshold": str(threshold)}
     return save_codebook(Codebook(prototypes, meta), tmp_path_factory.mktemp("codebook") / "tiny.safetensors"), threshold
+
+
+def tiny_wrapper(path, **model_args):
+    """The ``llava_redundancy`` model on the tiny checkpoint at ``path``, on the CPU in float32 (``model_args`` as
+    on lmms-eval's command line)."""
+    from lmms_eval_redundancy.lmms.model import LlavaRedundancy
+
+    return LlavaRedundancy(pretrained=str(path), device="cpu", dtype="float32", **model_args)
 
 
 def image(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -374,6 +410,19 @@ def prefill_state(wrapper, batch, records) -> dict:
     finally:
         del method._record
     return captured
+
+
+def prefill_state_and_attention_input(wrapper, batch, records, layer: int = 0) -> tuple[dict, torch.Tensor]:
+    """``prefill_state`` and the hidden states that decoder layer ``layer``'s attention received in that prefill."""
+    seen = []
+    attention = wrapper.engine.family.decoder_layers[layer].self_attn
+    handle = attention.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).clone()), with_kwargs=True)
+    try:
+        state = prefill_state(wrapper, batch, records)
+    finally:
+        handle.remove()
+    return state, seen[0]
 
 
 def prefill_stages(wrapper, batch, records) -> list:

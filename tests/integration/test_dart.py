@@ -3,6 +3,8 @@ pure rule ``dart.select`` on what layer K-1 produced, the official counts, setti
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import (
@@ -12,15 +14,13 @@ from conftest import (
     prefill_stages,
     pruned_reference_generate,
     requests_for,
+    tiny_wrapper,
 )
 
 from lmms_eval_redundancy.core.registry import MethodError
-from lmms_eval_redundancy.lmms.model import LlavaRedundancy
 from lmms_eval_redundancy.methods import dart
 
-
-def wrapper(path, **kwargs):
-    return LlavaRedundancy(pretrained=str(path), device="cpu", dtype="float32", method="dart", **kwargs)
+wrapper = functools.partial(tiny_wrapper, method="dart")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

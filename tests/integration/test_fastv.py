@@ -14,12 +14,12 @@ from conftest import (
     prefill_stages,
     pruned_reference_generate,
     requests_for,
+    tiny_wrapper,
 )
 from transformers import AutoModelForImageTextToText
 
 from lmms_eval_redundancy.core.budget import KEEP_ALL
 from lmms_eval_redundancy.core.registry import NoParams
-from lmms_eval_redundancy.lmms.model import LlavaRedundancy
 from lmms_eval_redundancy.methods import base as stages
 from lmms_eval_redundancy.methods.base import Cut, MultiStageLLM
 from lmms_eval_redundancy.runtime.engine import PruningEngine
@@ -31,13 +31,9 @@ DOCS = [
 ]
 
 
-def wrapper(path, **kwargs):
-    return LlavaRedundancy(pretrained=str(path), device="cpu", dtype="float32", **kwargs)
-
-
 def test_retention_one_gives_the_output_of_method_none(tiny_models):
     for family in ("llava", "llava_next"):
-        plain, keep_all = wrapper(tiny_models[family]), wrapper(tiny_models[family], method="fastv", retention=1.0)
+        plain, keep_all = tiny_wrapper(tiny_models[family]), tiny_wrapper(tiny_models[family], method="fastv", retention=1.0)
         assert keep_all.generate_until(requests_for(keep_all, DOCS)) == plain.generate_until(requests_for(plain, DOCS))
 
 
@@ -45,7 +41,7 @@ def test_layer_k_minus_1_row_under_sdpa_equals_eager(tiny_models, monkeypatch):
     rows = []
     original = stages.last_token_attention
     monkeypatch.setattr(stages, "last_token_attention", lambda *a: rows.append(original(*a)) or rows[-1])
-    w = wrapper(tiny_models["llava_next"], method="fastv", retention=0.5)
+    w = tiny_wrapper(tiny_models["llava_next"], method="fastv", retention=0.5)
     _, batch, records = w._build([requests_for(w, DOCS[2:])[0].args])
     with torch.no_grad(), w.engine.around_llm(batch, records):
         w.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask)
@@ -101,7 +97,7 @@ def masked_reference_generate(path, batch, keep_visual: torch.Tensor, k: int, st
 
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
 def test_pruned_generation_equals_no_cache_reference_masking_dropped_keys(tiny_models, family):
-    w = wrapper(tiny_models[family], method="fastv", retention=0.3)
+    w = tiny_wrapper(tiny_models[family], method="fastv", retention=0.3)
     doc = DOCS[1] if family == "llava" else DOCS[2]
     _, batch, records = w._build([requests_for(w, [doc])[0].args])
     chosen = {}
@@ -129,8 +125,8 @@ def test_pruned_generation_equals_no_cache_reference_masking_dropped_keys(tiny_m
 
 
 def test_batch_of_two_with_different_image_sizes_equals_each_alone(tiny_models):
-    one = wrapper(tiny_models["llava_next"], method="fastv", retention=0.3, batch_size=1)
-    two = wrapper(tiny_models["llava_next"], method="fastv", retention=0.3, batch_size=2)
+    one = tiny_wrapper(tiny_models["llava_next"], method="fastv", retention=0.3, batch_size=1)
+    two = tiny_wrapper(tiny_models["llava_next"], method="fastv", retention=0.3, batch_size=2)
     assert two.generate_until(requests_for(two, DOCS)) == one.generate_until(requests_for(one, DOCS))
     ll_one = [r.text for r in one.loglikelihood(requests_for(one, DOCS, "loglikelihood"))]
     ll_two = [r.text for r in two.loglikelihood(requests_for(two, DOCS, "loglikelihood"))]
@@ -144,12 +140,12 @@ def test_fastv_k_out_of_range_is_refused(tiny_models):
     from lmms_eval_redundancy.core.registry import MethodError
 
     with pytest.raises(MethodError, match="fastv_k=4 must be below"):
-        wrapper(tiny_models["llava"], method="fastv", retention=0.5, fastv_k=4)
+        tiny_wrapper(tiny_models["llava"], method="fastv", retention=0.5, fastv_k=4)
 
 
 def test_eager_attention_gives_the_same_pruned_output_as_sdpa(tiny_models):
-    sdpa = wrapper(tiny_models["llava_next"], method="fastv", retention=0.3, batch_size=2)
-    eager = wrapper(tiny_models["llava_next"], method="fastv", retention=0.3, batch_size=2, attn_implementation="eager")
+    sdpa = tiny_wrapper(tiny_models["llava_next"], method="fastv", retention=0.3, batch_size=2)
+    eager = tiny_wrapper(tiny_models["llava_next"], method="fastv", retention=0.3, batch_size=2, attn_implementation="eager")
     assert eager.generate_until(requests_for(eager, DOCS)) == sdpa.generate_until(requests_for(sdpa, DOCS))
 
 
@@ -157,7 +153,7 @@ def test_anyres_policies_other_than_full_are_refused(tiny_models):
     from lmms_eval_redundancy.core.registry import MethodError
 
     with pytest.raises(MethodError, match="anyres=base_only applies to methods before the LLM"):
-        wrapper(tiny_models["llava_next"], method="fastv", retention=0.5, anyres="base_only")
+        tiny_wrapper(tiny_models["llava_next"], method="fastv", retention=0.5, anyres="base_only")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -167,7 +163,7 @@ def test_fastv_on_the_multi_stage_base_keeps_and_generates_what_the_single_stage
     expected = json.loads((REPO / "tests" / "data" / "fastv_single_stage.json").read_text())
     docs = [{"question": doc["question"], "visuals": doc["visuals"]} for doc in DOCS]
     for batch_size in (1, 2):
-        w = wrapper(tiny_models[family], method="fastv", retention=0.3, batch_size=batch_size, log_keep_indices=True)
+        w = tiny_wrapper(tiny_models[family], method="fastv", retention=0.3, batch_size=batch_size, log_keep_indices=True)
         texts = w.generate_until(requests_for(w, docs))
         keeps = sorted([s["doc_id"], u["visual"], u["unit"], u["keep"]] for s in w.ledger.samples for u in s["units"])
         assert {"texts": texts, "keeps": keeps} == expected[f"{family}/{batch_size}"]
@@ -192,7 +188,7 @@ class HalveTwiceRenumbered(HalveTwice):
 @pytest.mark.parametrize("renumber", [False, True])
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
 def test_two_cuts_equal_a_no_cache_reference_masking_each_stages_dropped_keys(tiny_models, family, renumber):
-    w = wrapper(tiny_models[family])
+    w = tiny_wrapper(tiny_models[family])
     method = (HalveTwiceRenumbered if renumber else HalveTwice)(params=NoParams(), budget=KEEP_ALL)
     engine = PruningEngine(w.model, w.processor, w.engine.family, method)
     doc = DOCS[1] if family == "llava" else DOCS[2]
@@ -224,7 +220,7 @@ BUILDERS = ("_layer_inputs", "_mask", "_prepare_decoding", "rotary_embeddings", 
 def test_stage_inputs_are_built_once_per_call_whatever_the_decode_steps(tiny_models, monkeypatch, method_name):
     """Key masks, rotary embeddings and position gathers are built once per stage at prefill and once for the decode
     steps, never per layer or per step; a call decoding past the steps it announced grows them and decodes the same."""
-    w = wrapper(tiny_models["llava"], method=method_name, retention=0.5)
+    w = tiny_wrapper(tiny_models["llava"], method=method_name, retention=0.5)
     engine, method = w.engine, w.engine.method
     renumber, stages = method.renumber_positions, len(method.cuts())  # pdrop: 3 cuts, positions renumbered
     counts = {}
@@ -264,7 +260,7 @@ def test_stage_inputs_are_built_once_per_call_whatever_the_decode_steps(tiny_mod
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_generation_equals_the_shared_no_cache_reference(tiny_models, family):
-    w = wrapper(tiny_models[family], method="fastv", retention=0.3)
+    w = tiny_wrapper(tiny_models[family], method="fastv", retention=0.3)
     _, batch, records = w._build([requests_for(w, DOCS[2:])[0].args])
     stages = prefill_stages(w, batch, records)
     with torch.no_grad(), w.engine.around_llm(batch, records):

@@ -3,6 +3,8 @@ original positions, the stride grid of each view, the two stage counts, the laye
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import (
@@ -12,16 +14,15 @@ from conftest import (
     image,
     layerwise_reference_generate,
     prefill_state,
+    prefill_state_and_attention_input,
     requests_for,
+    tiny_wrapper,
 )
 
 from lmms_eval_redundancy.core.registry import MethodError
-from lmms_eval_redundancy.lmms.model import LlavaRedundancy
 from lmms_eval_redundancy.methods import feather
 
-
-def wrapper(path, **kwargs):
-    return LlavaRedundancy(pretrained=str(path), device="cpu", dtype="float32", method="feather", **kwargs)
+wrapper = functools.partial(tiny_wrapper, method="feather")
 
 
 def gathering_cut(stage):
@@ -51,21 +52,11 @@ def test_cached_generation_equals_the_layerwise_no_cache_reference(tiny_models, 
 def test_stage_one_is_the_top_of_the_rope_free_criterion_united_with_the_grid(tiny_models):
     w = wrapper(tiny_models["llava"], retention=0.3)
     _, batch, records = w._build([requests_for(w, STAGE_DOCS[:1])[0].args])
-    inputs = {}
-    layer = w.engine.family.decoder_layers[0]  # stage 1 (layer 1) is scored on layer 0's input
-
-    def capture(module, args, kwargs):
-        inputs.setdefault("h", (args[0] if args else kwargs["hidden_states"]).clone())
-
-    handle = layer.self_attn.register_forward_pre_hook(capture, with_kwargs=True)
-    try:
-        state = prefill_state(w, batch, records)
-    finally:
-        handle.remove()
-    attention, visual = layer.self_attn, torch.nonzero(batch.prunable_mask[0]).flatten()
+    state, hidden = prefill_state_and_attention_input(w, batch, records)  # stage 1 (layer 1) is scored on layer 0's input
+    attention, visual = w.engine.family.decoder_layers[0].self_attn, torch.nonzero(batch.prunable_mask[0]).flatten()
     heads, head_dim = w.engine.family.config.text_config.num_attention_heads, attention.head_dim
-    query = attention.q_proj(inputs["h"][0, -1]).view(heads, head_dim)
-    keys = attention.k_proj(inputs["h"][0, visual]).view(visual.numel(), -1, head_dim).transpose(0, 1)
+    query = attention.q_proj(hidden[0, -1]).view(heads, head_dim)
+    keys = attention.k_proj(hidden[0, visual]).view(visual.numel(), -1, head_dim).transpose(0, 1)
     scores = feather.criterion(query, keys)
     grid = feather.stride_grid(4, 4, 3)
     (expected,) = feather.select([scores], [feather.keep_count(16, 0.3, 1)], [grid])

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, image, method_cases, requests_for, supports, with_files
+from conftest import (
+    FAMILIES,
+    image,
+    method_cases,
+    requests_for,
+    supports,
+    tiny_wrapper,
+    with_files,
+)
 
 from lmms_eval_redundancy.codebook.store import CodebookError
 from lmms_eval_redundancy.core.budget import BudgetError
@@ -17,10 +25,6 @@ DOCS = [
     {"question": "what does this image show ?", "visuals": [image(64, 40, 3)], "target": " circle"},
     {"question": "is it yes or no ?", "visuals": [], "target": " yes"},
 ]
-
-
-def wrapper(path, **kwargs) -> LlavaRedundancy:
-    return LlavaRedundancy(pretrained=str(path), device="cpu", dtype="float32", **kwargs)
 
 
 def plain_generate(w: LlavaRedundancy, doc: dict, max_new_tokens: int = 6) -> list[int]:
@@ -46,7 +50,7 @@ def pruned_generate(w: LlavaRedundancy, doc: dict, max_new_tokens: int = 6) -> l
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_method_none_gives_the_tokens_of_plain_generate(tiny_models, family):
-    w = wrapper(tiny_models[family])
+    w = tiny_wrapper(tiny_models[family])
     for doc in DOCS:
         expected = plain_generate(w, doc)
         assert len(expected) == 6  # a real continuation, not an immediate stop
@@ -56,8 +60,8 @@ def test_method_none_gives_the_tokens_of_plain_generate(tiny_models, family):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", [{"method": "none"}, {"method": "random", "retention": 0.5}])
 def test_batch_of_two_equals_batch_of_one(tiny_models, family, method):
-    one = wrapper(tiny_models[family], batch_size=1, **method)
-    two = wrapper(tiny_models[family], batch_size=2, **method)
+    one = tiny_wrapper(tiny_models[family], batch_size=1, **method)
+    two = tiny_wrapper(tiny_models[family], batch_size=2, **method)
     assert two.generate_until(requests_for(two, DOCS)) == one.generate_until(requests_for(one, DOCS))
     ll_one = one.loglikelihood(requests_for(one, DOCS, "loglikelihood"))
     ll_two = two.loglikelihood(requests_for(two, DOCS, "loglikelihood"))
@@ -67,7 +71,7 @@ def test_batch_of_two_equals_batch_of_one(tiny_models, family, method):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_loglikelihood_scores_the_continuation_as_a_suffix(tiny_models, family):
-    w = wrapper(tiny_models[family])
+    w = tiny_wrapper(tiny_models[family])
     results = w.loglikelihood(requests_for(w, DOCS, "loglikelihood"))
     for doc, result in zip(DOCS, results):
         prompt = w._prompt(doc["question"], len(doc["visuals"]), 0)
@@ -82,7 +86,7 @@ def test_loglikelihood_scores_the_continuation_as_a_suffix(tiny_models, family):
 
 
 def test_pruning_changes_what_the_llm_sees_and_is_recorded(tiny_models):
-    w = wrapper(tiny_models["llava"], method="random", tokens=3)
+    w = tiny_wrapper(tiny_models["llava"], method="random", tokens=3)
     w.generate_until(requests_for(w, DOCS[:2]))
     units = [u for sample in w.ledger.samples for u in sample["units"]]
     assert [u["before"] for u in units] == [16, 16, 16]
@@ -94,9 +98,9 @@ def test_two_wrappers_with_different_methods_do_not_interfere(tiny_models):
 
     classes = (LlavaRedundancy, LlavaForConditionalGeneration, LlavaModel)
     before = {cls: dict(vars(cls)) for cls in classes}
-    plain = wrapper(tiny_models["llava"])
+    plain = tiny_wrapper(tiny_models["llava"])
     reference = plain.generate_until(requests_for(plain, DOCS))
-    pruned = wrapper(tiny_models["llava"], method="random", tokens=1)
+    pruned = tiny_wrapper(tiny_models["llava"], method="random", tokens=1)
     pruned_out = pruned.generate_until(requests_for(pruned, DOCS))
     assert plain.generate_until(requests_for(plain, DOCS)) == reference
     assert {cls: dict(vars(cls)) for cls in classes} == before
@@ -119,7 +123,7 @@ def test_two_wrappers_with_different_methods_do_not_interfere(tiny_models):
 )
 def test_bad_input_is_refused_with_a_message_naming_it(tiny_models, kwargs, error, words):
     with pytest.raises(error) as caught:
-        wrapper(tiny_models["llava"], **kwargs)
+        tiny_wrapper(tiny_models["llava"], **kwargs)
     for word in words:
         assert word in str(caught.value)
 
@@ -129,7 +133,7 @@ def test_codebook_hidden_size_mismatch_is_refused(tiny_models, tmp_path):
 
     path = save_codebook(Codebook(torch.randn(4, 4096), {"model": "llava-1.5-7b"}), tmp_path / "big.safetensors")
     with pytest.raises(CodebookError, match="size 4096.*hidden size is 64"):
-        wrapper(tiny_models["llava"], method="codebook", codebook=str(path), threshold=0.4)
+        tiny_wrapper(tiny_models["llava"], method="codebook", codebook=str(path), threshold=0.4)
 
 
 def test_unsupported_model_type_is_refused(tmp_path):
@@ -139,7 +143,7 @@ def test_unsupported_model_type_is_refused(tmp_path):
 
     BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError, match="'bert' is not supported.*llava_onevision"):
-        wrapper(tmp_path)
+        tiny_wrapper(tmp_path)
 
 
 def test_unsupported_transformers_version_is_refused(monkeypatch):
@@ -157,16 +161,16 @@ def test_missing_torchvision_is_refused_before_loading_with_the_fix(tiny_models,
 
     monkeypatch.setattr(transformers.utils, "is_torchvision_available", lambda: False)
     with pytest.raises(UserError, match="torchvision is not installed.*pip install torchvision"):
-        wrapper(tiny_models["llava"])
+        tiny_wrapper(tiny_models["llava"])
 
 
 def test_multi_round_generation_refuses_clearly(tiny_models):
     with pytest.raises(NotImplementedError, match="multi-round"):
-        wrapper(tiny_models["llava"]).generate_until_multi_round([])
+        tiny_wrapper(tiny_models["llava"]).generate_until_multi_round([])
 
 
 def test_log_keep_indices_records_sorted_kept_indices_per_image(tiny_models):
-    w = wrapper(tiny_models["llava"], method="random", tokens=3, log_keep_indices=True)
+    w = tiny_wrapper(tiny_models["llava"], method="random", tokens=3, log_keep_indices=True)
     w.generate_until(requests_for(w, DOCS[:2]))
     keeps = [u["keep"] for sample in w.ledger.samples for u in sample["units"]]
     assert len(keeps) == 3
@@ -175,8 +179,8 @@ def test_log_keep_indices_records_sorted_kept_indices_per_image(tiny_models):
 
 @pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
 def test_anyres_base_only_keeps_the_base_view_and_drops_crops_and_newlines(tiny_models, family):
-    full = wrapper(tiny_models[family], method="random", retention=0.5)
-    base = wrapper(tiny_models[family], method="random", retention=0.5, anyres="base_only")
+    full = tiny_wrapper(tiny_models[family], method="random", retention=0.5)
+    base = tiny_wrapper(tiny_models[family], method="random", retention=0.5, anyres="base_only")
     doc = {"question": "what is it ?", "visuals": [image(64, 40, 3)], "target": " red"}
     full.generate_until(requests_for(full, [doc]))
     base.generate_until(requests_for(base, [doc]))
@@ -192,8 +196,8 @@ def test_every_method_batch_of_two_equals_batch_of_one(tiny_models, tiny_codeboo
     if not supports(method["method"], family):
         pytest.skip(f"{method['method']} needs a [CLS] token; the tiny {family} tower has none")
     method = with_files(method, tiny_codebook[0])
-    one = wrapper(tiny_models[family], batch_size=1, **method)
-    two = wrapper(tiny_models[family], batch_size=2, **method)
+    one = tiny_wrapper(tiny_models[family], batch_size=1, **method)
+    two = tiny_wrapper(tiny_models[family], batch_size=2, **method)
     assert two.generate_until(requests_for(two, DOCS)) == one.generate_until(requests_for(one, DOCS))
     kept = lambda w: sorted((s["doc_id"], u["visual"], u["unit"], u["after"], u.get("layers"))  # noqa: E731
                             for s in w.ledger.samples for u in s["units"])
@@ -207,7 +211,7 @@ def test_every_method_batch_of_two_equals_batch_of_one(tiny_models, tiny_codeboo
 
 @pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
 def test_anyres_per_view_gives_each_view_its_own_budget(tiny_models, family):
-    w = wrapper(tiny_models[family], method="fastervlm", tokens=4, anyres="per_view")
+    w = tiny_wrapper(tiny_models[family], method="fastervlm", tokens=4, anyres="per_view")
     w.generate_until(requests_for(w, [{"question": "what is it ?", "visuals": [image(64, 40, 3)]}]))
     units = w.ledger.samples[0]["units"]
     assert [(u["unit"], u["before"], u["after"]) for u in units] == [(0, 16, 4)] + [(i, 12, 4) for i in range(1, 5)]
@@ -216,7 +220,7 @@ def test_anyres_per_view_gives_each_view_its_own_budget(tiny_models, family):
 
 @pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
 def test_faithful_per_view_takes_the_top_k_of_each_full_view_then_drops_padding(tiny_models, family):
-    w = wrapper(tiny_models[family], method="fastervlm", tokens=4, anyres="per_view", faithful=True, log_keep_indices=True)
+    w = tiny_wrapper(tiny_models[family], method="fastervlm", tokens=4, anyres="per_view", faithful=True, log_keep_indices=True)
     assert w.engine.settings()["per_view_topk"] == "full_view"
     doc = {"question": "what is it ?", "visuals": [image(64, 40, 3)]}
     w.generate_until(requests_for(w, [doc]))

@@ -3,6 +3,8 @@ the official counts and renumbered positions, the layer-mean budget, settings an
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import (
@@ -12,16 +14,14 @@ from conftest import (
     prefill_stages,
     pruned_reference_generate,
     requests_for,
+    tiny_wrapper,
 )
 
 from lmms_eval_redundancy.core.registry import MethodError
-from lmms_eval_redundancy.lmms.model import LlavaRedundancy
 from lmms_eval_redundancy.methods import pdrop
 from lmms_eval_redundancy.methods.base import fitted_layers
 
-
-def wrapper(path, **kwargs):
-    return LlavaRedundancy(pretrained=str(path), device="cpu", dtype="float32", method="pdrop", **kwargs)
+wrapper = functools.partial(tiny_wrapper, method="pdrop")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -3,6 +3,8 @@ recycled tokens itself, per-stage counts, per-sample seeding, settings and refus
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import (
@@ -11,16 +13,15 @@ from conftest import (
     cached_greedy,
     layerwise_reference_generate,
     prefill_state,
+    prefill_state_and_attention_input,
     requests_for,
+    tiny_wrapper,
 )
 
 from lmms_eval_redundancy.core.registry import MethodError
-from lmms_eval_redundancy.lmms.model import LlavaRedundancy
 from lmms_eval_redundancy.methods import sparsevlm
 
-
-def wrapper(path, **kwargs):
-    return LlavaRedundancy(pretrained=str(path), device="cpu", dtype="float32", method="sparsevlm", **kwargs)
+wrapper = functools.partial(tiny_wrapper, method="sparsevlm")
 
 
 def merging_cut(stage, plan):
@@ -122,22 +123,12 @@ def test_first_cut_keeps_the_top_tokens_of_the_pure_rule_on_the_stage_layer(tiny
 
     w = wrapper(tiny_models["llava_onevision"], tokens=128)  # Qwen2: grouped-query heads, q/k biases
     _, batch, records = w._build([requests_for(w, STAGE_DOCS[2:])[0].args])
-    inputs = {}
-    layer = w.engine.family.decoder_layers[0]
-
-    def capture(module, args, kwargs):
-        inputs.setdefault("h", (args[0] if args else kwargs["hidden_states"]).clone())
-
-    handle = layer.self_attn.register_forward_pre_hook(capture, with_kwargs=True)
-    try:
-        state = prefill_state(w, batch, records)
-    finally:
-        handle.remove()
-    attention, config = layer.self_attn, w.engine.family.config.text_config
-    hidden, length = inputs["h"][0], inputs["h"].shape[1]
+    state, layer_input = prefill_state_and_attention_input(w, batch, records)
+    attention, config = w.engine.family.decoder_layers[0].self_attn, w.engine.family.config.text_config
+    hidden, length = layer_input[0], layer_input.shape[1]
     query = attention.q_proj(hidden).view(length, config.num_attention_heads, -1).transpose(0, 1)
     keys = attention.k_proj(hidden).view(length, config.num_key_value_heads, -1).transpose(0, 1)
-    cos, sin = w.engine.family.rotary_embeddings(inputs["h"], torch.arange(length)[None])
+    cos, sin = w.engine.family.rotary_embeddings(layer_input, torch.arange(length)[None])
     query, keys = sys.modules[type(attention).__module__].apply_rotary_pos_emb(query[None], keys[None], cos, sin)
     raters = state["raters"][0]
     relation = sparsevlm.rater_attention(query[0][:, raters], keys[0], raters, 0, length).mean(dim=0)

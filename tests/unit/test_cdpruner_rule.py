@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import fidelity_cases, fidelity_tensors, official_expected
 
 from lmms_eval_redundancy.methods import cdpruner
-
-FIDELITY = Path(__file__).resolve().parents[2].parent / "shared" / "fidelity"
-
 
 # ---- plain references of the official rule ----------------------------------------------------------
 
@@ -103,25 +99,11 @@ def test_a_ragged_batch_picks_exactly_what_each_unit_picks_alone():
 
 # ---- official cases ---------------------------------------------------------------------------------
 
-def fidelity_cases(kind: str) -> list:
-    path = FIDELITY / "cdpruner.json"
-    if not path.is_file():
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no fidelity cases under {FIDELITY}"))]
-    return [pytest.param(case, id=case["id"]) for case in json.loads(path.read_text())["cases"]
-            if case["kind"] == kind]
-
-
-@pytest.fixture(scope="module")
-def tensors() -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(FIDELITY / "cdpruner.safetensors")
-
-
-@pytest.mark.parametrize("case", fidelity_cases("select"))
-def test_official_select_cases(case, tensors):
+@pytest.mark.parametrize("case", fidelity_cases("cdpruner", "select"))
+def test_official_select_cases(case):
+    tensors = fidelity_tensors("cdpruner")
     inputs = {name: tensors[key] for name, key in case["inputs"].items()}
-    expected = case.get("expected_lower_index_ties") or case["expected"]
+    expected = official_expected(case)[0]
     scores = cdpruner.relevance(list(inputs["image_embeds"]), inputs["text_embeds"])
     assert torch.equal(torch.stack(scores), tensors[case["expected_tensors"]["relevance"]])  # same ops, float32
     dtype = getattr(torch, case["dtype"])  # the official normalisation runs in the features' dtype
@@ -133,8 +115,9 @@ def test_official_select_cases(case, tensors):
     assert [x.tolist() for x in kept] == expected["kept"]
 
 
-@pytest.mark.parametrize("case", fidelity_cases("text_segments"))
-def test_official_text_segments_cases(case, tensors):
+@pytest.mark.parametrize("case", fidelity_cases("cdpruner", "text_segments"))
+def test_official_text_segments_cases(case):
+    tensors = fidelity_tensors("cdpruner")
     ids, mask = cdpruner.text_segments(tensors[case["inputs"]["input_ids"]], tensors[case["inputs"]["attention_mask"]])
     assert ids.tolist() == case["expected"]["input_ids"]
     assert mask.tolist() == case["expected"]["attention_mask"]

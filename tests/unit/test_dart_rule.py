@@ -2,31 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import fidelity_cases, fidelity_tensors, official_expected
 
 from lmms_eval_redundancy.methods import dart
 from lmms_eval_redundancy.methods.pdrop import rms_norm
-
-FIDELITY = Path(__file__).resolve().parents[2].parent / "shared" / "fidelity"
-
-
-def fidelity_cases() -> list:
-    path = FIDELITY / "dart.json"
-    if not path.is_file():
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no fidelity cases under {FIDELITY}"))]
-    return [pytest.param(case, id=case["id"]) for case in json.loads(path.read_text())["cases"]]
-
-
-@functools.cache
-def fidelity_tensors() -> dict[str, torch.Tensor]:
-    return load_file(FIDELITY / "dart.safetensors")
-
 
 # ---- a loop reference of get_retained_image_token (one sample) ------------------------------------------
 
@@ -163,9 +144,9 @@ def test_an_unknown_pivot_order_is_refused():
 
 # ---- the official cases ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("case", fidelity_cases())
+@pytest.mark.parametrize("case", fidelity_cases("dart"))
 def test_official_case(case):
-    settings, config, tensors = case["settings"], case["settings"]["config"], fidelity_tensors()
+    settings, config, tensors = case["settings"], case["settings"]["config"], fidelity_tensors("dart")
     inputs = {name: tensors[key] for name, key in case["inputs"].items()}
     dtype = torch.float16 if case["dtype"] == "float16" else torch.float32
     if "hidden_pre_norm" in inputs:
@@ -187,7 +168,7 @@ def test_official_case(case):
     if case.get("official_error"):  # 8T exceeds the candidates: the project keeps every image token
         assert 8 * picks > count - 4 and selection.keep.all()
         return
-    expected = case["expected_lower_index_ties"] if case["tie_order_dependent"] else case["expected"]
+    expected = official_expected(case)[0]
     assert selection.keep[0].nonzero().flatten().tolist() == expected["keep"]
     assert (selection.keep[0] & image[0]).nonzero().flatten().tolist() == sorted(expected["retained"])
     assert official_set_order(selection, 0, config["pivot_image_token"]) == expected["retained"]

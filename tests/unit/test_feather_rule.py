@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import fidelity_cases, fidelity_tensors, official_expected
 
 from lmms_eval_redundancy.methods import feather
-
-FIDELITY = Path(__file__).resolve().parents[2].parent / "shared" / "fidelity"
-
 
 # ---- plain references of the official rule ----------------------------------------------------------
 
@@ -91,30 +87,12 @@ def test_keep_positions_keep_prefix_kept_image_tokens_and_text():
 
 # ---- the official outputs -----------------------------------------------------------------------------
 
-def fidelity_cases() -> list[dict]:
-    path = FIDELITY / "feather.json"
-    return json.loads(path.read_text())["cases"] if path.is_file() else []
-
-
-@pytest.fixture(scope="module")
-def fidelity_tensors():
-    path = FIDELITY / "feather.safetensors"
-    if not path.is_file():
-        pytest.skip(f"fidelity cases not available under {FIDELITY}")
-    from safetensors.torch import load_file
-    return load_file(str(path))
-
-
-@pytest.mark.parametrize("case", fidelity_cases() or [None], ids=lambda c: c["id"] if c else "absent")
-def test_official_case(case, fidelity_tensors):
-    if case is None:
-        pytest.skip(f"fidelity cases not available under {FIDELITY}")
+@pytest.mark.parametrize("case", fidelity_cases("feather"))
+def test_official_case(case):
     assert "official_error" not in case  # none recorded for FEATHER
-    settings, tensors = case["settings"], fidelity_tensors
+    settings, tensors = case["settings"], fidelity_tensors("feather")
     inputs = {name: tensors[key] for name, key in case["inputs"].items()}
-    ties = case["tie_order_dependent"]
-    expected = case["expected_lower_index_ties"] if ties else case["expected"]
-    expected_tensors = case["expected_lower_index_ties_tensors"] if ties else case["expected_tensors"]
+    expected, expected_tensors = official_expected(case)
     dtype = getattr(torch, settings["dtype"])
     offset, image, fraction = settings["image_offset"], settings["num_image_tokens"], settings["keep_fraction"]
     side = settings["grid_side"]

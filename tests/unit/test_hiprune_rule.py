@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import fidelity_cases, fidelity_tensors, official_expected
 
 from lmms_eval_redundancy.methods import hiprune
-
-FIDELITY = Path(__file__).resolve().parents[2].parent / "shared" / "fidelity"
-
 
 # ---- plain references of the official rule ----------------------------------------------------------
 
@@ -121,22 +116,9 @@ def test_an_unknown_buffer_rule_names_the_choices():
 
 # ---- official cases ---------------------------------------------------------------------------------
 
-def fidelity_cases() -> list:
-    path = FIDELITY / "hiprune.json"
-    if not path.is_file():
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no fidelity cases under {FIDELITY}"))]
-    return [pytest.param(case, id=case["id"]) for case in json.loads(path.read_text())["cases"]]
-
-
-@pytest.fixture(scope="module")
-def tensors() -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(FIDELITY / "hiprune.safetensors")
-
-
-@pytest.mark.parametrize("case", fidelity_cases())
-def test_official_select_cases(case, tensors):
+@pytest.mark.parametrize("case", fidelity_cases("hiprune"))
+def test_official_select_cases(case):
+    tensors = fidelity_tensors("hiprune")
     assert case["kind"] == "select"
     settings = case["settings"]
     deep_attention = tensors[case["inputs"]["attn_deep"]]
@@ -149,5 +131,5 @@ def test_official_select_cases(case, tensors):
     if "official_error" in case:  # a budget beyond the patches: the project keeps every patch
         assert [x.tolist() for x in kept] == [list(range(settings["num_patches"]))] * views
         return
-    expected = case.get("expected_lower_index_ties") or case["expected"]
+    expected = official_expected(case)[0]
     assert [x.tolist() for x in kept] == expected["kept"]

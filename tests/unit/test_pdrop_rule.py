@@ -2,37 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import FIDELITY, fidelity_cases, fidelity_tensors, official_expected
 
 from lmms_eval_redundancy.methods import pdrop
-
-FIDELITY = Path(__file__).resolve().parents[2].parent / "shared" / "fidelity"
-
-
-def fidelity_cases(kind: str) -> list:
-    path = FIDELITY / "pdrop.json"
-    if not path.is_file():
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no fidelity cases under {FIDELITY}"))]
-    return [pytest.param(case, id=case["id"]) for case in json.loads(path.read_text())["cases"] if case["kind"] == kind]
-
-
-@functools.cache
-def fidelity_tensors() -> dict[str, torch.Tensor]:
-    return load_file(FIDELITY / "pdrop.safetensors")
-
-
-def expected_of(case: dict) -> tuple[dict, dict]:
-    """The official outputs under the project's tie rule (lower index first)."""
-    if case["tie_order_dependent"]:
-        return case["expected_lower_index_ties"], case["expected_lower_index_ties_tensors"]
-    return case["expected"], case["expected_tensors"]
 
 
 def block_mask(length: int, start: int, count: int) -> torch.Tensor:
@@ -187,10 +163,10 @@ def assert_official_scores(scores: torch.Tensor, expected: torch.Tensor) -> None
         torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("case", fidelity_cases("select"))
+@pytest.mark.parametrize("case", fidelity_cases("pdrop", "select"))
 def test_official_select_case(case):
-    settings, tensors = case["settings"], fidelity_tensors()
-    expected, expected_tensors = expected_of(case)
+    settings, tensors = case["settings"], fidelity_tensors("pdrop")
+    expected, expected_tensors = official_expected(case)
     query, keys = (tensors[case["inputs"][name]] for name in ("query_states", "key_states"))
     valid = tensors[case["inputs"]["attention_mask"]].bool()
     query_index = settings["prompt_len"] + settings["image_tokens"] - 1
@@ -205,10 +181,10 @@ def test_official_select_case(case):
     assert_official_scores(scores[0, image], tensors[expected_tensors["image_scores"]])
 
 
-@pytest.mark.parametrize("case", fidelity_cases("stage"))
+@pytest.mark.parametrize("case", fidelity_cases("pdrop", "stage"))
 def test_official_stage_case(case):
-    settings, tensors = case["settings"], fidelity_tensors()
-    expected, expected_tensors = expected_of(case)
+    settings, tensors = case["settings"], fidelity_tensors("pdrop")
+    expected, expected_tensors = official_expected(case)
     inputs = {name: tensors[key] for name, key in case["inputs"].items()}
     valid = inputs["attention_mask"].bool()
     counts = pdrop.stage_counts(settings["image_tokens_original"], settings["image_token_ratio_list"])
@@ -224,7 +200,7 @@ def test_official_stage_case(case):
     assert_official_scores(scores[0, image], tensors[expected_tensors["image_scores"]])
 
 
-@pytest.mark.parametrize("case", fidelity_cases("decode_shift"))
+@pytest.mark.parametrize("case", fidelity_cases("pdrop", "decode_shift"))
 def test_official_decode_shift_case(case):
     settings = case["settings"]
     shifted = pdrop.decode_shift(torch.tensor([settings["position_id"]]), [settings["image_tokens_original"]],
@@ -235,11 +211,11 @@ def test_official_decode_shift_case(case):
 def test_stage_over_a_padded_batch_equals_each_row_alone():
     """The float32 from-hidden cases' inputs as one ragged batch (padding on alternating sides) under the first
     case's layer weights: every row is cut as when run alone, and the first row as officially."""
-    cases = [param.values[0] for param in fidelity_cases("stage")]
+    cases = [param.values[0] for param in fidelity_cases("pdrop", "stage")]
     cases = [case for case in cases if case is not None and case["dtype"] == "float32"]
     if not cases:
         pytest.skip(f"no fidelity cases under {FIDELITY}")
-    tensors = fidelity_tensors()
+    tensors = fidelity_tensors("pdrop")
     weights = {name: tensors[cases[0]["inputs"][name]] for name in ("input_layernorm_weight", "q_proj_weight", "k_proj_weight")}
     settings = cases[0]["settings"]
 
@@ -268,7 +244,7 @@ def test_stage_over_a_padded_batch_equals_each_row_alone():
     for (_, offset, length, _), row_keep, row_alone in zip(rows, keep, alone):
         assert torch.equal(row_keep[offset:offset + length], row_alone)
         assert row_keep.sum() == row_alone.sum()
-    assert alone[0].nonzero().flatten().tolist() == expected_of(cases[0])[0]["keep_positions"]
+    assert alone[0].nonzero().flatten().tolist() == official_expected(cases[0])[0]["keep_positions"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

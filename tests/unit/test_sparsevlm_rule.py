@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import fidelity_cases, fidelity_tensors, official_expected
 
 from lmms_eval_redundancy.methods import sparsevlm
-
-FIDELITY = Path(__file__).resolve().parents[2].parent / "shared" / "fidelity"
-
 
 # ---- plain references of the official rule ----------------------------------------------------------
 
@@ -201,20 +197,6 @@ def test_noise_of_the_wrong_length_is_refused():
 
 # ---- the official outputs -----------------------------------------------------------------------------
 
-def fidelity_cases() -> list[dict]:
-    path = FIDELITY / "sparsevlm.json"
-    return json.loads(path.read_text())["cases"] if path.is_file() else []
-
-
-@pytest.fixture(scope="module")
-def fidelity_tensors():
-    path = FIDELITY / "sparsevlm.safetensors"
-    if not path.is_file():
-        pytest.skip(f"fidelity cases not available under {FIDELITY}")
-    from safetensors.torch import load_file
-    return load_file(str(path))
-
-
 def stage_keep_count(settings: dict, stage: int, block: torch.Tensor) -> int | None:
     if settings["variant"] == "v1":
         return sparsevlm.rank_keep_count(block, settings["scale"], settings["bias"])
@@ -223,16 +205,12 @@ def stage_keep_count(settings: dict, stage: int, block: torch.Tensor) -> int | N
     return sparsevlm.budget_keep_count(budget, block.shape[1])
 
 
-@pytest.mark.parametrize("case", fidelity_cases() or [None], ids=lambda c: c["id"] if c else "absent")
-def test_official_case(case, fidelity_tensors):
-    if case is None:
-        pytest.skip(f"fidelity cases not available under {FIDELITY}")
+@pytest.mark.parametrize("case", fidelity_cases("sparsevlm"))
+def test_official_case(case):
     assert "official_error" not in case  # none recorded for SparseVLM
-    settings, tensors = case["settings"], fidelity_tensors
+    settings, tensors = case["settings"], fidelity_tensors("sparsevlm")
     inputs = {name: tensors[key] for name, key in case["inputs"].items()}
-    ties = case["tie_order_dependent"]
-    expected = case["expected_lower_index_ties"] if ties else case["expected"]
-    expected_tensors = case["expected_lower_index_ties_tensors"] if ties else case["expected_tensors"]
+    expected, expected_tensors = official_expected(case)
     dtype = getattr(torch, settings["dtype"])
     start, image = settings["pre_prompt_length"], settings["image_shape"]
     embeds = inputs["inputs_embeds"][0]

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import fidelity_cases, fidelity_tensors, official_expected
 
 from lmms_eval_redundancy.methods import visionzip
-
-FIDELITY = Path(__file__).resolve().parents[2].parent / "shared" / "fidelity"
 
 
 def reference(hidden: torch.Tensor, scores: torch.Tensor, metric: torch.Tensor, dominant: int, contextual: int,
@@ -124,20 +120,6 @@ def test_official_crop_layout_equals_the_grid_walk(width, height):
 
 # ---- official cases (the fidelity folder beside the repository: <repo>/../shared/fidelity) ----------------------------
 
-def fidelity_cases(kind: str):
-    path = FIDELITY / "visionzip.json"
-    if not path.is_file():
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"fidelity cases not available under {FIDELITY}"))]
-    return [pytest.param(case, id=case["id"]) for case in json.loads(path.read_text())["cases"] if case["kind"] == kind]
-
-
-@pytest.fixture(scope="module")
-def tensors():
-    from safetensors.torch import load_file
-
-    return load_file(FIDELITY / "visionzip.safetensors")
-
-
 @pytest.fixture
 def one_thread():
     """The official outputs were computed with one thread; two threads change the last bit of some sums."""
@@ -147,17 +129,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def expectations(case: dict) -> tuple[dict, dict]:
-    """The expected values under the project's tie rule (lower index first)."""
-    if case["tie_order_dependent"]:
-        return case["expected_lower_index_ties"], case["expected_lower_index_ties_tensors"]
-    return case["expected"], case["expected_tensors"]
-
-
-@pytest.mark.parametrize("case", fidelity_cases("select"))
-def test_official_select_cases(case, tensors, one_thread):
+@pytest.mark.parametrize("case", fidelity_cases("visionzip", "select"))
+def test_official_select_cases(case, one_thread):
+    tensors = fidelity_tensors("visionzip")
     inputs, settings = case["inputs"], case["settings"]
-    expected, expected_tensors = expectations(case)
+    expected, expected_tensors = official_expected(case)
     hidden, row = tensors[inputs["hidden_states"]], tensors[inputs["attn_cls_row"]][:, :, 0]
     if "key_states" in inputs:
         metric = visionzip.head_mean_keys(tensors[inputs["key_states"]])
@@ -174,8 +150,9 @@ def test_official_select_cases(case, tensors, one_thread):
     assert torch.equal(torch.stack([m.tokens for m in merged]), tensors[expected_tensors["hidden_states_save"]])
 
 
-@pytest.mark.parametrize("case", fidelity_cases("restore"))
-def test_official_restore_cases(case, tensors):
+@pytest.mark.parametrize("case", fidelity_cases("visionzip", "restore"))
+def test_official_restore_cases(case):
+    tensors = fidelity_tensors("visionzip")
     inputs, settings = case["inputs"], case["settings"]
     keep = tensors[inputs["cur_keep_idx"]]
     dominant = keep.sort(dim=1).values[:, 1:] - 1  # drop [CLS] (0), back to patch indices

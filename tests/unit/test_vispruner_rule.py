@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import fidelity_cases, fidelity_tensors, official_expected
 
 from lmms_eval_redundancy.methods import vispruner
-
-FIDELITY = Path(__file__).resolve().parents[2].parent / "shared" / "fidelity"
 
 
 def reference(features: torch.Tensor, scores: torch.Tensor, tokens: int, ratio: float,
@@ -123,27 +119,9 @@ def test_official_anyres_mask_equals_the_grid_walk(image_size, width, height):
 
 # ---- official cases (the fidelity folder beside the repository: <repo>/../shared/fidelity) ----------------------------
 
-def fidelity_cases(kind: str):
-    path = FIDELITY / "vispruner.json"
-    if not path.is_file():
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"fidelity cases not available under {FIDELITY}"))]
-    return [pytest.param(case, id=case["id"]) for case in json.loads(path.read_text())["cases"] if case["kind"] == kind]
-
-
-@pytest.fixture(scope="module")
-def tensors():
-    from safetensors.torch import load_file
-
-    return load_file(FIDELITY / "vispruner.safetensors")
-
-
-def expected_values(case: dict) -> dict:
-    """The expected values under the project's tie rule (lower index first)."""
-    return case["expected_lower_index_ties"] if case["tie_order_dependent"] else case["expected"]
-
-
-@pytest.mark.parametrize("case", fidelity_cases("select"))
-def test_official_select_cases(case, tensors):
+@pytest.mark.parametrize("case", fidelity_cases("vispruner", "select"))
+def test_official_select_cases(case):
+    tensors = fidelity_tensors("vispruner")
     inputs, settings = case["inputs"], case["settings"]
     features, attentions = tensors[inputs["image_features"]], tensors[inputs["image_attentions"]]
     tokens, ratio = settings["visual_token_num"], settings["important_ratio"]
@@ -154,22 +132,24 @@ def test_official_select_cases(case, tensors):
         assert kept == [reference(f, s, tokens, ratio) for f, s in zip(features, scores)]
         assert all(len(k) == min(tokens, settings["num_patches"]) for k in kept)
     else:
-        assert kept == expected_values(case)["kept"]
+        assert kept == official_expected(case)[0]["kept"]
 
 
-@pytest.mark.parametrize("case", fidelity_cases("siglip_select"))
-def test_official_siglip_select_cases(case, tensors):
+@pytest.mark.parametrize("case", fidelity_cases("vispruner", "siglip_select"))
+def test_official_siglip_select_cases(case):
+    tensors = fidelity_tensors("vispruner")
     inputs, settings = case["inputs"], case["settings"]
     per_head = vispruner.siglip_scores(tensors[inputs["last_layer_attentions"]])
     assert torch.equal(per_head, tensors[case["expected_tensors"]["image_attentions"]])
     features = tensors[inputs["image_features"]]
     kept = vispruner.select_batch(list(features), list(vispruner.head_mean(per_head)),
                                   [settings["visual_token_num"]] * len(features), settings["important_ratio"])
-    assert [k.tolist() for k in kept] == expected_values(case)["kept"]
+    assert [k.tolist() for k in kept] == official_expected(case)[0]["kept"]
 
 
-@pytest.mark.parametrize("case", fidelity_cases("anyres_mask"))
-def test_official_anyres_mask_cases(case, tensors):
+@pytest.mark.parametrize("case", fidelity_cases("vispruner", "anyres_mask"))
+def test_official_anyres_mask_cases(case):
+    tensors = fidelity_tensors("vispruner")
     settings = case["settings"]
     packed = vispruner.official_anyres_mask(tensors[case["inputs"]["index_mask"]], tuple(settings["image_size"]),
                                             settings["num_patch_width"], settings["num_patch_height"],

@@ -52,78 +52,6 @@ def test_layer_k_minus_1_row_under_sdpa_equals_eager(tiny_models, monkeypatch):
     torch.testing.assert_close(rows[0], expected, atol=1e-5, rtol=1e-4)
 
 
-def masked_reference_generate(path, batch, keep_visual: torch.Tensor, k: int, steps: int, suppress: list[int],
-                              later: tuple[int, torch.Tensor] | None = None, renumber: bool = False):
-    """Greedy decoding without a cache; layers >= k see every position but the dropped visual keys (and, with
-    ``later=(k2, keep2)``, layers >= k2 only the visual keys of ``keep2``). ``renumber``: those layers number
-    positions as if the dropped tokens were gone."""
-    model = AutoModelForImageTextToText.from_pretrained(path).eval()
-    embeds, valid = batch.inputs_embeds, batch.attention_mask.bool()
-
-    def masking(keep):
-        dropped = batch.visual_mask & ~keep
-
-        def hook(module, args, kwargs):
-            length = args[0].shape[1]
-            gone = torch.nn.functional.pad(dropped, (0, length - dropped.shape[1]))[:, :length]
-            keys = valid[:, :length] & ~gone
-            causal = torch.ones(length, length, dtype=torch.bool).tril()
-            kwargs["attention_mask"] = (causal[None] & keys[:, None, :])[:, None]
-            if renumber:
-                positions = torch.arange(length)[None] - gone.long().cumsum(dim=1)
-                kwargs["position_embeddings"] = model.model.language_model.rotary_emb(args[0], position_ids=positions)
-            return args, kwargs
-
-        return hook
-
-    layers = model.model.language_model.layers
-    stages = [(k, keep_visual)] + ([later] if later else []) + [(len(layers), None)]
-    handles = [layer.register_forward_pre_hook(masking(keep), with_kwargs=True)
-               for (start, keep), (end, _) in zip(stages, stages[1:]) for layer in layers[start:end]]
-    tokens = []
-    with torch.no_grad():
-        for _ in range(steps):
-            hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=valid.long()).last_hidden_state
-            logits = model.lm_head(hidden[:, -1])
-            logits[:, suppress] = float("-inf")
-            token = logits.argmax(-1)
-            tokens.append(int(token))
-            embeds = torch.cat([embeds, model.get_input_embeddings()(token)[:, None]], dim=1)
-            valid = torch.cat([valid, valid.new_ones(1, 1)], dim=1)
-    for handle in handles:
-        handle.remove()
-    return tokens
-
-
-@pytest.mark.parametrize("family", ["llava", "llava_next"])
-def test_pruned_generation_equals_no_cache_reference_masking_dropped_keys(tiny_models, family):
-    w = tiny_wrapper(tiny_models[family], method="fastv", retention=0.3)
-    doc = DOCS[1] if family == "llava" else DOCS[2]
-    _, batch, records = w._build([requests_for(w, [doc])[0].args])
-    chosen = {}
-    original = stages.rectangular
-
-    def spy(kept):
-        chosen["kept"] = kept
-        return original(kept)
-
-    stages.rectangular = spy
-    try:
-        with torch.no_grad(), w.engine.around_llm(batch, records):
-            out = w.model.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-                                   max_new_tokens=6, do_sample=False, suppress_tokens=w.engine.family.placeholder_ids,
-                                   pad_token_id=w.tokenizer.pad_token_id, eos_token_id=w.tokenizer.eos_token_id)
-    finally:
-        stages.rectangular = original
-    keep_visual = torch.zeros_like(batch.visual_mask)
-    keep_visual[0, chosen["kept"][0]] = True
-    keep_visual &= batch.visual_mask
-    n_visual = int(batch.prunable_mask.sum())
-    assert int((keep_visual & batch.prunable_mask).sum()) == round(0.3 * n_visual)
-    reference = masked_reference_generate(tiny_models[family], batch, keep_visual, 2, 6, w.engine.family.placeholder_ids)
-    assert out[0].tolist() == reference
-
-
 def test_batch_of_two_with_different_image_sizes_equals_each_alone(tiny_models):
     one = tiny_wrapper(tiny_models["llava_next"], method="fastv", retention=0.3, batch_size=1)
     two = tiny_wrapper(tiny_models["llava_next"], method="fastv", retention=0.3, batch_size=2)
@@ -208,8 +136,7 @@ def test_two_cuts_equal_a_no_cache_reference_masking_each_stages_dropped_keys(ti
     n = int(batch.prunable_mask.sum())
     assert [int((k & batch.prunable_mask).sum()) for k in kept] == [n // 2, n // 4]
     assert [r.layers for r in records[0]] and sum(r.layers[3] for r in records[0]) == n // 4
-    reference = masked_reference_generate(tiny_models[family], batch, kept[0], 1, 6, w.engine.family.placeholder_ids,
-                                          later=(3, kept[1]), renumber=renumber)
+    reference = pruned_reference_generate(tiny_models[family], batch, stages, [1, 3], renumber, 6, w.engine.family.placeholder_ids)
     assert out[0].tolist() == reference
 
 
@@ -259,10 +186,13 @@ def test_stage_inputs_are_built_once_per_call_whatever_the_decode_steps(tiny_mod
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_cached_generation_equals_the_shared_no_cache_reference(tiny_models, family):
+def test_cached_generation_equals_the_no_cache_reference_masking_dropped_keys(tiny_models, family):
     w = tiny_wrapper(tiny_models[family], method="fastv", retention=0.3)
-    _, batch, records = w._build([requests_for(w, DOCS[2:])[0].args])
+    doc = DOCS[1] if family == "llava" else DOCS[2]
+    _, batch, records = w._build([requests_for(w, [doc])[0].args])
     stages = prefill_stages(w, batch, records)
+    kept = int((stages[1].valid & batch.prunable_mask.gather(1, stages[1].index)).sum())
+    assert kept == round(0.3 * int(batch.prunable_mask.sum()))
     with torch.no_grad(), w.engine.around_llm(batch, records):
         out = w.model.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, max_new_tokens=6,
                                do_sample=False, suppress_tokens=w.engine.family.placeholder_ids,

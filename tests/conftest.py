@@ -174,6 +174,29 @@ def image(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
 
 
+def official_next_tokens(model, states: torch.Tensor, picks: list[torch.Tensor], image_size) -> torch.Tensor:
+    """The visual tokens of one LLaVA-NeXT image in the official ``spatial`` layout, from per-view ``picks`` (patch
+    indices, base view first) on the vision states ``states [views, side * side, C]`` of an eager run of
+    ``model``'s tower: base view, then the stitched crop grid read row-major (no unpadding, no newline tokens),
+    through the projector."""
+    from transformers.models.llava_next.modeling_llava_next import (
+        get_anyres_image_grid_shape,
+    )
+
+    from lmms_eval_redundancy.methods.vispruner import official_anyres_mask
+
+    side = int(states.shape[1] ** 0.5)
+    masks = torch.zeros(len(picks), side * side, dtype=torch.bool)
+    for mask, chosen in zip(masks, picks):
+        mask[chosen] = True
+    size = [int(x) for x in image_size]  # (height, width), as the processor gives it
+    rows, columns = get_anyres_image_grid_shape(size, model.config.image_grid_pinpoints, model.config.vision_config.image_size)
+    keep = official_anyres_mask(masks, size[::-1], columns, rows, side, unpad=False)
+    grid = states[1:].view(rows, columns, side, side, -1).permute(0, 2, 1, 3, 4).reshape(-1, states.shape[-1])
+    with torch.no_grad():
+        return model.model.multi_modal_projector(torch.cat([states[0], grid])[keep])
+
+
 def requests_for(wrapper, docs: list[dict], kind: str = "generate_until", task: str = "unit"):
     """Requests over ``docs`` (each with ``question``, ``visuals`` and, for loglikelihood, ``target``)."""
     from lmms_eval_redundancy.lmms.requests import simple_requests

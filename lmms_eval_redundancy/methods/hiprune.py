@@ -28,6 +28,10 @@ Quirks and options:
 - ``topk`` tie order is unspecified officially; here ties go to the lower index.
 - ``k >= N`` keeps every patch (the official code raises once ``k - |U| > N``); ``k < |U|`` (only with a
   large ``alpha``) keeps ``U`` alone, where the official code raises.
+- LLaVA-NeXT: the official code forces the ``spatial`` merge (llava_arch.py 203): the base view's picks, then
+  the crops' picks on the stitched crop grid read row-major, without unpadding or newline tokens;
+  ``layout=official`` (``faithful=true``) reproduces it, picks in the padding projected from their vision
+  states (``views.placed``). The project layout keeps picks at their packed positions (unpadded grid, newlines).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from lmms_eval_redundancy.methods.base import (
     VisualUnit,
     row_indices,
 )
-from lmms_eval_redundancy.methods.views import positions_of, unit_views, view_counts
+from lmms_eval_redundancy.methods.views import placed, unit_views, view_counts
 
 ALPHA = 0.1
 OFFICIAL_TOWER_LAYERS = 24  # CLIP-L/336, where the object layer 9 was set
@@ -154,6 +158,7 @@ class HiPrune(BeforeLLM):
         alpha: float = ALPHA  # anchors: round(k * alpha / 5)
         object_layer: int | None = None  # 1-based; default 9 (official) on 24+ layer towers, 9/24 of shorter ones
         buffer: str = choice_param("official", BUFFER_CHOICES)
+        layout: str = choice_param("project", ("project", "official"), official="official")  # LLaVA-NeXT order
 
     def validate(self) -> None:
         if not 0 < self.params.alpha <= 1:
@@ -171,9 +176,10 @@ class HiPrune(BeforeLLM):
         self.object_need = VisionNeed("received_attention", self.object_layer - 1)
         self.deep_need = VisionNeed("received_attention")
         self.has_cls = family.vision_has_cls
+        self.hidden = VisionNeed("hidden")  # the states new tokens are projected from (official layout)
 
     def vision_needs(self) -> tuple[VisionNeed, ...]:
-        return (self.object_need, self.deep_need)
+        return (self.object_need, self.deep_need) + ((self.hidden,) if self.params.layout == "official" else ())
 
     def settings(self) -> dict:
         return {**super().settings(), "object_layer_used": self.object_layer, "deep_vision_layer": self.deep_layer,
@@ -184,18 +190,15 @@ class HiPrune(BeforeLLM):
         return self.select_units([unit])[0]
 
     def select_units(self, units: list[VisualUnit]) -> list[Selection]:
-        """Every view of every unit in one ``select_batch`` call."""
-        views, object_scores, deep_scores, ks = [], [], [], []
-        for index, unit in enumerate(units):
+        """Every view of every unit in one ``select_batch`` call, then each unit's picks in its layout."""
+        object_scores, deep_scores, ks = [], [], []
+        for unit in units:
             tiles = unit_views(unit)
             patches = unit.tile_vision[self.deep_need].shape[1]
             for tile, k in zip(tiles, view_counts(self.budget, len(tiles), patches)):
-                views.append((index, tile))
                 object_scores.append(unit.tile_vision[self.object_need][tile])
                 deep_scores.append(unit.tile_vision[self.deep_need][tile])
                 ks.append(k)
-        picks = select_batch(object_scores, deep_scores, ks, self.params.alpha, self.params.buffer) if units else []
-        kept: list[list[torch.Tensor]] = [[] for _ in units]
-        for (index, tile), chosen in zip(views, picks):
-            kept[index].append(positions_of(units[index], tile, chosen))
-        return [Selection(torch.cat(positions).sort().values) for positions in kept]
+        picks = iter(select_batch(object_scores, deep_scores, ks, self.params.alpha, self.params.buffer) if units else [])
+        return [placed(unit, [(tile, next(picks)) for tile in unit_views(unit)], self.hidden, self.params.layout == "official")
+                for unit in units]

@@ -5,15 +5,17 @@ each 336px view (padding included). ``view_counts`` splits a unit's budget evenl
 ``positions_of`` maps picks back to the unit (picks in the padding HF's unpadding removed drop out), and
 ``stitched_placement`` places picks in the official LLaVA-NeXT order: base view, then the crops stitched into
 one grid read row-major, without unpadding (picks the unit lacks become new tokens after the unit token they
-follow).
+follow). ``placed`` gives a unit's selection in either layout.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lmms_eval_redundancy.core.budget import Budget
-from lmms_eval_redundancy.core.visuals import VisualUnit
+from lmms_eval_redundancy.core.visuals import Selection, VisionNeed, VisualUnit
 
 
 def unit_views(unit: VisualUnit) -> list[int]:
@@ -64,3 +66,21 @@ def stitched_placement(unit: VisualUnit, tiles: torch.Tensor, patches: torch.Ten
     before = found[~inside] - 1
     anchors = torch.where(before >= 0, crop_positions[before.clamp(min=0)], torch.nonzero(~crop).flatten()[-1])
     return crop_positions[found[inside]], order[~inside], anchors
+
+
+def placed(unit: VisualUnit, views: list[tuple[int, torch.Tensor]], states: VisionNeed, official: bool) -> Selection:
+    """The unit's picks ``views`` (per view: its tile and chosen patches) at their packed positions (picks in the
+    padding dropped), or with ``official`` (several views) in the official LLaVA-NeXT order, base view then the
+    stitched crop grid without unpadding or newline tokens; picks in the padding then become new tokens,
+    projected from their vision states ``unit.tile_vision[states]``."""
+    keep = [positions_of(unit, tile, patches) for tile, patches in views]
+    if not official or len(views) == 1:
+        return Selection(torch.cat(keep).sort().values)
+    crops = views[1:]
+    tiles = torch.cat([torch.full_like(patches, tile) for tile, patches in crops])
+    patches = torch.cat([patches for _, patches in crops])
+    side = math.isqrt(unit.tile_vision[states].shape[1])
+    inside, padded, anchors = stitched_placement(unit, tiles, patches, side)
+    new = unit.tile_vision[states][tiles[padded], patches[padded]]
+    return Selection(torch.cat([keep[0], inside]).sort().values, merged=new if padded.numel() else None,
+                     merged_after=anchors, merged_space="vision", drop_newlines=True)

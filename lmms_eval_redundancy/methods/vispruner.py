@@ -37,7 +37,6 @@ their vision states. SigLIP towers score by mean received attention at the layer
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -50,12 +49,7 @@ from lmms_eval_redundancy.methods.base import (
     VisualUnit,
     row_indices,
 )
-from lmms_eval_redundancy.methods.views import (
-    positions_of,
-    stitched_placement,
-    unit_views,
-    view_counts,
-)
+from lmms_eval_redundancy.methods.views import placed, unit_views, view_counts
 
 ROUND_CAP = 8  # official per-round cap on removed duplicates
 
@@ -235,20 +229,5 @@ class VisPruner(BeforeLLM):
                 tokens.append(count)
         picks = iter(select_batch(features, scores, tokens, self.params.important_ratio, dtype,
                                   self.params.odd_residual == "official"))
-        return [self.place(unit, [(tile, next(picks)) for tile in unit_views(unit)]) for unit in units]
-
-    def place(self, unit: VisualUnit, views: list[tuple[int, torch.Tensor]]) -> Selection:
-        """The unit's picks: at their packed positions (picks in the padding dropped), or (``layout=official``,
-        several views) in the official LLaVA-NeXT order, base view then the stitched crop grid without
-        unpadding or newline tokens (picks in the padding are projected from their vision states)."""
-        keep = [positions_of(unit, tile, patches) for tile, patches in views]
-        if self.params.layout != "official" or len(views) == 1:
-            return Selection(torch.cat(keep).sort().values)
-        crops = views[1:]
-        tiles = torch.cat([torch.full_like(patches, tile) for tile, patches in crops])
-        patches = torch.cat([patches for _, patches in crops])
-        side = math.isqrt(unit.tile_vision[self.hidden].shape[1])
-        inside, padded, anchors = stitched_placement(unit, tiles, patches, side)
-        states = unit.tile_vision[self.hidden][tiles[padded], patches[padded]]
-        return Selection(torch.cat([keep[0], inside]).sort().values, merged=states if padded.numel() else None,
-                         merged_after=anchors, merged_space="vision", drop_newlines=True)
+        return [placed(unit, [(tile, next(picks)) for tile in unit_views(unit)], self.hidden, self.params.layout == "official")
+                for unit in units]

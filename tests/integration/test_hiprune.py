@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import image, requests_for
+from conftest import image, official_next_tokens, requests_for
 from transformers import AutoModelForImageTextToText
 
 from lmms_eval_redundancy.core.registry import MethodError
@@ -82,3 +82,26 @@ def test_anyres_views_are_each_the_rule_on_their_full_patch_grid_with_padding_pi
     (unit,) = w.ledger.samples[-1]["units"]
     assert unit["keep"] == expected.tolist()
     assert unit["before"] < len(counts) * object_scores.shape[1]  # the crops have padding, chosen among too
+
+
+@pytest.mark.parametrize("faithful", [False, True])
+def test_the_official_next_layout_is_the_base_view_then_the_stitched_crop_grid(tiny_models, faithful):
+    from lmms_eval_redundancy.core.budget import Budget
+    from lmms_eval_redundancy.methods.views import view_counts
+
+    settings = {"faithful": True} if faithful else {"layout": "official"}
+    w = wrapper(tiny_models["llava_next"], tokens=30, alpha=0.5, **settings)
+    assert w.engine.settings()["layout"] == "official"
+    inputs = w.processor(text=[w._prompt("q", 1, 0)], images=[[image(64, 40, 3)]], return_tensors="pt")
+    model = AutoModelForImageTextToText.from_pretrained(tiny_models["llava_next"], attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = model.model.vision_tower(inputs["pixel_values"][0], output_attentions=True, output_hidden_states=True)
+    scores = hiprune.global_attention(out.attentions[0])  # tiny tower: object layer 1 = layer read
+    counts = view_counts(Budget("tokens", 30), len(scores), scores.shape[1])  # 6 per view: one anchor each
+    picks = [hiprune.select(scores[tile], scores[tile], k, alpha=0.5) for tile, k in enumerate(counts)]
+    states = out.hidden_states[w.engine.family.vision_feature_layer_index + 1][:, 1:]
+    pruned = w.engine.pipeline(inputs, [1], [0], ["doc"])
+    tokens = pruned.batch.inputs_embeds[0][pruned.batch.visual_mask[0]]
+    torch.testing.assert_close(tokens, official_next_tokens(model, states, picks, inputs["image_sizes"][0]), atol=1e-5, rtol=1e-4)
+    (record,) = pruned.records[0]
+    assert record.after == 30 and record.newlines_after == 0 and record.merged  # picks in the padding are new

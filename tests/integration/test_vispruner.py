@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import image, requests_for
+from conftest import image, official_next_tokens, requests_for
 from transformers import AutoModelForImageTextToText
-from transformers.models.llava_next.modeling_llava_next import (
-    get_anyres_image_grid_shape,
-)
 
 from lmms_eval_redundancy.lmms.model import LlavaRedundancy
 from lmms_eval_redundancy.methods import vispruner
@@ -57,16 +54,7 @@ def test_next_views_in_the_project_and_the_official_layout(tiny_models, layout):
     picks, states, model = eager_views(tiny_models["llava_next"], pixels, True, 6)  # 6 tokens per view of 5
     (visual,) = pruned.visuals[0]
     if layout == "official":  # base view, then the stitched crop grid without unpadding or newlines (aefa01ad)
-        side = 4
-        masks = torch.zeros(len(picks), side * side, dtype=torch.bool)
-        for mask, chosen in zip(masks, picks):
-            mask[chosen] = True
-        size = inputs["image_sizes"][0].tolist()
-        rows, columns = get_anyres_image_grid_shape(size, model.config.image_grid_pinpoints, model.config.vision_config.image_size)
-        keep = vispruner.official_anyres_mask(masks, size[::-1], columns, rows, side, unpad=False)
-        grid = states[1:].view(rows, columns, side, side, -1).permute(0, 2, 1, 3, 4).reshape(-1, states.shape[-1])
-        with torch.no_grad():
-            expected = model.model.multi_modal_projector(torch.cat([states[0], grid])[keep])
+        expected = official_next_tokens(model, states, picks, inputs["image_sizes"][0])
     else:  # picks at their packed positions, those in the padding dropped, newlines kept
         expected = visual.features[[p for p in range(visual.length) if visual.newline[p] or
                                     int(visual.patches[p]) in picks[int(visual.tiles[p])].tolist()]]

@@ -31,8 +31,8 @@ def load_clip_text(source: str, vision_width: int, device) -> tuple:
         raise MethodError(f"clip_text={source!r} projects {config.vision_config.hidden_size}-wide vision states, but "
                           f"this model's vision tower is {vision_width} wide; {CLIP_TEXT_FIX}")
     try:
-        text = CLIPTextModelWithProjection.from_pretrained(source, dtype=torch.float32)
-        vision = CLIPVisionModelWithProjection.from_pretrained(source, dtype=torch.float32)
+        text = load_half(CLIPTextModelWithProjection, source)
+        vision = load_half(CLIPVisionModelWithProjection, source)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as error:
         raise MethodError(f"clip_text={source!r} cannot be loaded ({str(error).splitlines()[0]}); {CLIP_TEXT_FIX}") from None
@@ -42,3 +42,22 @@ def load_clip_text(source: str, vision_width: int, device) -> tuple:
     joint = torch.nn.Sequential(vision.vision_model.post_layernorm, vision.visual_projection)
     return (text.eval().requires_grad_(False).to(device), tokenizer,
             joint.eval().requires_grad_(False).to(device))
+
+
+def load_half(cls, source: str):
+    """The text or vision half ``cls`` of the CLIP checkpoint ``source``, in float32. The other half's weights
+    are expected to go unused, so transformers' loading report is silenced; a weight of this half that the
+    checkpoint lacks (it would stay random) is refused."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        model, info = cls.from_pretrained(source, dtype=torch.float32, output_loading_info=True)
+    finally:
+        logging.set_verbosity(verbosity)
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise MethodError(f"clip_text={source!r} lacks {len(missing)} weight(s) of its {cls.__name__} (e.g. "
+                          f"{missing[0]}); {CLIP_TEXT_FIX}")
+    return model

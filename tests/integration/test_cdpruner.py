@@ -94,6 +94,20 @@ def test_a_mismatched_clip_text_is_refused_naming_the_parameter(tiny_models, tmp
     assert "openai/clip-vit-large-patch14-336" in str(refused.value)
 
 
+def test_the_clip_halves_load_without_a_report_and_a_half_lacking_weights_is_refused(tiny_models, tmp_path, capfd):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    wrapper(tiny_models["llava"], tokens=4)
+    assert "LOAD REPORT" not in capfd.readouterr().err  # each half leaves the other's weights unused, as expected
+    clip = shutil.copytree(tiny_clip(), tmp_path / "clip")
+    weights = {name: t for name, t in load_file(clip / "model.safetensors").items() if not name.startswith("text_model.encoder.")}
+    save_file(weights, clip / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MethodError, match=r"lacks \d+ weight\(s\) of its CLIPTextModelWithProjection .*clip_text="):
+        wrapper(tiny_models["llava"], tokens=4, clip_text=str(clip))
+
+
 def test_a_siglip_tower_is_refused(tiny_models):
     with pytest.raises(MethodError, match="CLIP vision tower"):
         wrapper(tiny_models["llava_onevision"], tokens=4)

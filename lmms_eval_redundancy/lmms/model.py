@@ -319,7 +319,7 @@ class LlavaRedundancy(lmms):
             max_new_tokens, num_beams = int(gen_kwargs.get("max_new_tokens", 1024)), int(gen_kwargs.get("num_beams", 1))
             with BatchMeter(self._device, self.engine) as meter:
                 _, batch, records = self._build(chunk)
-                with torch.no_grad(), self.engine.around_llm(batch, records, int(gen_kwargs.get("max_new_tokens", 1024))):
+                with torch.no_grad(), self.engine.around_llm(batch, records, max_new_tokens):
                     output = self._model.generate(
                         **self.decoding.generate_inputs(self._model, batch.inputs_embeds, batch.attention_mask,
                                                         max_new_tokens, num_beams),

@@ -87,7 +87,10 @@ class BeforeLLM(PruningMethod):
         return ()
 
     def select_unit(self, unit: VisualUnit) -> Selection:
-        raise NotImplementedError
+        """One unit's selection. A method overrides this or ``select_units``; the other follows from it."""
+        if type(self).select_units is BeforeLLM.select_units:
+            raise NotImplementedError(f"{type(self).__name__} overrides neither select_unit nor select_units")
+        return self.select_units([unit])[0]
 
     def select_units(self, units: list[VisualUnit]) -> list[Selection]:
         """Selections for every unit of a batch at once; override to batch the work (same picks as ``select_unit``)."""

@@ -196,9 +196,6 @@ class CDPruner(BeforeLLM):
         embeds = self.text_model(input_ids=ids[:, :used].to(device), attention_mask=mask[:, :used].to(device)).text_embeds
         return list(embeds.split([segment_ids.shape[0] for segment_ids, _ in segments]))
 
-    def select_unit(self, unit: VisualUnit) -> Selection:
-        return self.select_units([unit])[0]
-
     def view_features(self, unit: VisualUnit, tile: int) -> torch.Tensor:
         """The LLM-input tokens of every patch of a view ``[P, D]``: the unit's own where it has them, the
         projector's output of the view's vision states for the patches unpadding removed."""

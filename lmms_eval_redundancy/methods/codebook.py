@@ -144,9 +144,6 @@ class CodebookPruning(BeforeLLM):
         extra = {"prototypes": None if self.prototypes is None else int(self.prototypes.shape[0])}
         return {**super().settings(), **extra}
 
-    def select_unit(self, unit: VisualUnit) -> Selection:
-        return self.select_units([unit])[0]
-
     def select_units(self, units: list[VisualUnit]) -> list[Selection]:
         """Every unit's scores in one product, then every unit's keep rule at once (units padded)."""
         if not units:

@@ -52,9 +52,6 @@ class DivPrune(BeforeLLM):
     class Params:
         precision: str = choice_param("float32", ("float32", "model"), official="model")  # distance dtype
 
-    def select_unit(self, unit: VisualUnit) -> Selection:
-        return self.select_units([unit])[0]
-
     def select_units(self, units: list[VisualUnit]) -> list[Selection]:
         """All units of a batch in one greedy loop (``select_batch``)."""
         if not units:

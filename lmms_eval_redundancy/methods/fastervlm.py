@@ -55,9 +55,6 @@ class FasterVLM(BeforeLLM):
     def settings(self) -> dict:
         return {**super().settings(), "vision_layer": self.layer, "score": self.score_kind}
 
-    def select_unit(self, unit: VisualUnit) -> Selection:
-        return self.select_units([unit])[0]
-
     def select_units(self, units: list[VisualUnit]) -> list[Selection]:
         """Every unit's top ``k`` in one padded sort; ``full_view`` units that are one view pick among all its patches."""
         full_view = [self.params.per_view_topk == "full_view" and unit.tiles is not None

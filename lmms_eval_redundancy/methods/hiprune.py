@@ -186,9 +186,6 @@ class HiPrune(BeforeLLM):
                 "score": "global attention (head mean, all query rows" + (", [CLS] column dropped)" if self.has_cls else ")"),
                 "score_dtype": "float32", "budget_scope": "per image or frame, split evenly over its views"}
 
-    def select_unit(self, unit: VisualUnit) -> Selection:
-        return self.select_units([unit])[0]
-
     def select_units(self, units: list[VisualUnit]) -> list[Selection]:
         """Every view of every unit in one ``select_batch`` call, then each unit's picks in its layout."""
         object_scores, deep_scores, ks = [], [], []

@@ -32,9 +32,6 @@ class Pooling(BeforeLLM):
     name = "pooling"
     needs_grid = True
 
-    def select_unit(self, unit: VisualUnit) -> Selection:
-        return self.select_units([unit])[0]
-
     def select_units(self, units: list[VisualUnit]) -> list[Selection]:
         """One pooling call per grid shape of the batch (all images of a batch usually share one)."""
         if any(unit.grid is None for unit in units):

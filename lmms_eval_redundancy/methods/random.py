@@ -28,9 +28,6 @@ class RandomPruning(BeforeLLM):
     class Params:
         seed: int = 0
 
-    def select_unit(self, unit: VisualUnit) -> Selection:
-        return self.select_units([unit])[0]
-
     def select_units(self, units: list[VisualUnit]) -> list[Selection]:
         """Each unit's draw from its own generator (on the CPU), moved to the device in one transfer."""
         if not units:

@@ -244,9 +244,6 @@ class VisionZip(BeforeLLM):
                               f"contextual tokens of a view of {patches} patches: lower dominant= or contextual=")
         return dominant, contextual
 
-    def select_unit(self, unit: VisualUnit) -> Selection:
-        return self.select_units([unit])[0]
-
     def select_units(self, units: list[VisualUnit]) -> list[Selection]:
         """Every view of every unit in one ``select_batch`` call, then each unit's tokens in its layout."""
         keep_all = self.budget.kind == "all" and self.params.dominant is None and self.params.contextual is None

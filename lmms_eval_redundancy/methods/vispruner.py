@@ -211,9 +211,6 @@ class VisPruner(BeforeLLM):
         score = "cls_attention" if self.has_cls else f"mean_received_attention ({self.tower} has no [CLS])"
         return {**super().settings(), "vision_layer": self.layer, "score": score}
 
-    def select_unit(self, unit: VisualUnit) -> Selection:
-        return self.select_units([unit])[0]
-
     def select_units(self, units: list[VisualUnit]) -> list[Selection]:
         """Every view of every unit in one ``select_batch`` call, then each unit's picks in its layout."""
         if not units:

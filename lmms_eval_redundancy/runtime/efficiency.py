@@ -104,8 +104,13 @@ class Quartiles:
 
     def __str__(self) -> str:
         """``"1.62 (1.41-1.8)"`` or ``"0.9 (0.4-1.7) unreliable"``."""
-        quartiles, _, flag = self.spread().partition(" ")
-        return f"{self.median:.3g} ({quartiles})" + (f" {flag}" if flag else "")
+        return with_spread(self.median, self.spread())
+
+
+def with_spread(median: float, spread: str) -> str:
+    """A median and its ``Quartiles.spread()`` text in one cell: ``"1.62 (1.41-1.8)"``, ``unreliable`` kept at the end."""
+    quartiles, _, flag = spread.partition(" ")
+    return f"{median:.3g} ({quartiles})" + (f" {flag}" if flag else "")
 
 
 def after_warm_up(samples: list[dict]) -> list[dict]:

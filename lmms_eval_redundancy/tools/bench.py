@@ -28,12 +28,13 @@ from lmms_eval_redundancy.codebook.store import Codebook, save_codebook
 from lmms_eval_redundancy.core.budget import KEEP_ALL, Budget
 from lmms_eval_redundancy.core.registry import (
     UNPRUNED,
+    MethodError,
     available_methods,
     build_method,
     file_params,
     param_names,
 )
-from lmms_eval_redundancy.core.timing import cpu_threads, elapsed, stamp
+from lmms_eval_redundancy.core.timing import cpu_threads, elapsed, stamp, sync
 from lmms_eval_redundancy.families.base import patch_grid
 from lmms_eval_redundancy.families.tiny import (
     CHAT_TEMPLATE,
@@ -76,12 +77,13 @@ def save_geometry_checkpoint(folder: Path, text_layers: int, vision_layers: int,
     return folder
 
 
-def example_params(method: str, scratch: Path, hidden_size: int) -> dict:
+def example_params(method: str, scratch: Path, hidden_size: int, clip_text_tower: dict | None = None) -> dict:
     """Values for a method's file parameters (a random codebook of the model's width for each) and its CLIP text
-    tower (a random tiny one reading CLIP-L/336's 1024-wide vision states)."""
+    tower (a random one reading CLIP-L/336's 1024-wide vision states: tiny, or as ``clip_text_tower`` sizes it,
+    ``build_tiny_clip``'s keywords)."""
     params = {}
     if "clip_text" in param_names(method):
-        params["clip_text"] = str(build_tiny_clip(scratch / "clip", vision_width=1024))
+        params["clip_text"] = str(build_tiny_clip(scratch / "clip", vision_width=1024, **(clip_text_tower or {})))
     files = file_params(method)
     if files:
         path = save_codebook(Codebook(torch.randn(454, hidden_size), {"model": "random"}), scratch / "random.safetensors")
@@ -341,11 +343,8 @@ def overhead(methods: list[str] | None = None, tokens: int = 64, repeats: int = 
     reading a CLIP text tower gets a random one of CLIP-L/336's text geometry; a method that cannot run on
     this model (e.g. stage layers beyond ``text_layers``) gets a row saying why.
     """
-    from lmms_eval_redundancy.core.registry import MethodError, param_names
-    from lmms_eval_redundancy.core.timing import sync
-    from lmms_eval_redundancy.families.tiny import build_tiny_clip
-
-    clip_l_text = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
+    clip_l_text = {"projection_dim": 768, "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                                                   "num_attention_heads": 12}}
     image = random_images(1)[0]
     rows = []
     with tempfile.TemporaryDirectory() as folder:
@@ -364,10 +363,7 @@ def overhead(methods: list[str] | None = None, tokens: int = 64, repeats: int = 
 
         reference = PruningEngine(loaded.model, loaded.processor, loaded.family, build_method(UNPRUNED, KEEP_ALL))
         for name in pruned_methods(methods):
-            params = example_params(name, scratch, loaded.model.config.text_config.hidden_size)
-            if "clip_text" in param_names(name):
-                params["clip_text"] = str(build_tiny_clip(scratch / "clip", loaded.model.config.vision_config.hidden_size,
-                                                          projection_dim=768, text=clip_l_text))
+            params = example_params(name, scratch, loaded.model.config.text_config.hidden_size, clip_l_text)
             try:
                 method = build_method(name, KEEP_ALL if name == UNPRUNED else Budget("tokens", tokens), **params)
                 engine = reference if name == UNPRUNED else PruningEngine(loaded.model, loaded.processor, loaded.family, method)

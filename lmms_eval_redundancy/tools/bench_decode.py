@@ -10,7 +10,6 @@ variant at a time, so that a drifting load on the machine touches every variant 
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +20,9 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from lmms_eval_redundancy.core.budget import Budget
 from lmms_eval_redundancy.core.registry import build_method
+from lmms_eval_redundancy.core.timing import Stamp, elapsed, stamp
 from lmms_eval_redundancy.runtime.decoding import Decoding
+from lmms_eval_redundancy.runtime.efficiency import Quartiles
 from lmms_eval_redundancy.runtime.engine import PruningEngine
 from lmms_eval_redundancy.runtime.loading import load
 from lmms_eval_redundancy.runtime.prompts import chat_prompt, chat_template_of
@@ -40,32 +41,20 @@ VARIANTS = {  # what the wrapper does: "static" on a CPU; on a GPU transformers 
 
 
 class StepClock(LogitsProcessor):
-    """Marks every next-token logits (CUDA events on a GPU, no synchronisation per step); passes scores through."""
+    """Stamps every next-token logits on the device's clock (``core.timing.stamp``: no synchronisation per step);
+    passes scores through."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.marks: list = []
+        self.marks: list[Stamp] = []
 
     def __call__(self, input_ids, scores):
-        if self.device.type == "cuda":
-            self.marks.append(torch.cuda.Event(enable_timing=True))
-            self.marks[-1].record()
-        else:
-            self.marks.append(time.perf_counter())
+        self.marks.append(stamp(self.device))
         return scores
 
     def step_seconds(self) -> list[float]:
         """Seconds of each decoding step: between consecutive marks (the first mark ends the prefill)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return [start.elapsed_time(end) / 1000 for start, end in zip(self.marks, self.marks[1:])]
-        return [end - start for start, end in zip(self.marks, self.marks[1:])]
-
-
-def quartiles(values: list[float]) -> tuple[float, float, float]:
-    """First quartile, median, third quartile."""
-    first, median, third = statistics.quantiles(values, n=4, method="inclusive")
-    return first, median, third
+        return [elapsed(start, end) for start, end in zip(self.marks, self.marks[1:])]
 
 
 @torch.no_grad()
@@ -104,11 +93,11 @@ def decode_speed(batch_sizes: tuple[int, ...] = (1, 8), new_tokens: int = 16, ru
                 for name, decoding in variants.items():
                     seconds, sequences[name], _ = decode_run(engine, batch, decoding, new_tokens)
                     steps[name] += seconds
-            spread = {name: quartiles(seconds) for name, seconds in steps.items()}
-            for name, (first, median, third) in spread.items():
-                rows.append({"batch": size, "decoding": name, "ms/token": 1000 * median,
-                             "IQR ms": f"{1000 * first:.1f}-{1000 * third:.1f}",
-                             "speed-up": spread["dynamic cache"][1] / median, "warm-up run s": warm_up[name],
+            spread = {name: Quartiles.of(seconds) for name, seconds in steps.items()}
+            for name, step in spread.items():
+                rows.append({"batch": size, "decoding": name, "ms/token": 1000 * step.median,
+                             "IQR ms": f"{1000 * step.low:.1f}-{1000 * step.high:.1f}",
+                             "speed-up": spread["dynamic cache"].median / step.median, "warm-up run s": warm_up[name],
                              "same tokens": sequences[name] == sequences["dynamic cache"]})
         engine.close()
     device = "GPU " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"

@@ -46,7 +46,11 @@ import pandas as pd
 from lmms_eval_redundancy.core.errors import UserError
 from lmms_eval_redundancy.core.files import figure_png, output_folder, write_atomically
 from lmms_eval_redundancy.core.registry import PATHS_KEY, UNPRUNED
-from lmms_eval_redundancy.runtime.efficiency import Quartiles, after_warm_up
+from lmms_eval_redundancy.runtime.efficiency import (
+    Quartiles,
+    after_warm_up,
+    with_spread,
+)
 
 LABEL_OMITS = ("method", "budget", "stage", "pretrained", "family")  # shown elsewhere, or implied by the row's model
 AFTER_CUT = "tokens after last cut / sample"
@@ -334,8 +338,7 @@ def readable(table: pd.DataFrame) -> pd.DataFrame:
     def cell(value: float, spread) -> str | float:
         if pd.isna(value) or pd.isna(spread):
             return value if pd.isna(value) else f"{value:.4g}"
-        quartiles, _, flag = spread.partition(" ")
-        return f"{value:.3g} ({quartiles})" + (f" {flag}" if flag else "")
+        return with_spread(value, spread)
 
     speed_up = [cell(value, spread) for value, spread in zip(table[SPEED_UP], table[SPREAD])]
     return table.drop(columns=SPREAD).assign(**{SPEED_UP: pd.Series(speed_up, index=table.index, dtype=object)})

@@ -34,6 +34,6 @@ def test_methods_take_turns_on_one_model_keeping_the_batches_after_the_warm_up_a
     assert unpruned.samples[0]["efficiency"]["kv_cache_bytes"] == kv_per_token * (prompt + 3 - 1)  # all 3 tokens made
 
 
-def test_lmms_eval_s_llava_hf_runs_the_same_requests(tiny_models):
+def test_lmms_eval_s_llava_hf_answers_the_bench_requests_at_a_positive_rate(tiny_models):
     rate = llava_hf_samples_per_second(tiny_models["llava"], DOCS, torch.device("cpu"), torch.float32, samples=1, new_tokens=2)
     assert rate > 0

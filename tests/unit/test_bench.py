@@ -61,6 +61,6 @@ def test_rows_hold_the_median_speed_up_its_predictions_and_samples_per_second():
     assert "roofline-predicted" not in speed_rows([unpruned, pruned], CONFIG, 10_000, 2)[1]  # a CPU: no rates
 
 
-def test_rates_come_from_timed_matmul_and_copy():
+def test_a_small_timed_matmul_and_copy_give_positive_finite_rates():
     rates = measure_rates(torch.device("cpu"), size=64, copy_bytes=2**16, dtype=torch.float32, repeats=2)
     assert all(math.isfinite(rate) and rate > 0 for rate in (rates.matmul_flops, rates.bandwidth))
